@@ -1,0 +1,55 @@
+"""`crisp-fast <command> ...`: one entry point; each command lives in the module that owns it.
+
+    crisp-fast train    --config FILE [--out DIR] [section.key=value ...]   (crisp_fast.train)
+    crisp-fast eval     --model PATH --data FILE ...                        (crisp_fast.eval)
+    crisp-fast grade    RESPONSES.jsonl [--out GRADED.jsonl]                (crisp_fast.eval)
+    crisp-fast compare  BASE_SUMMARY CANDIDATE_SUMMARY ...                  (crisp_fast.eval)
+    crisp-fast demo     [--out DIR] [--teacher-refresh-every M]             (crisp_fast.demo)
+    crisp-fast backends                                                     which loss backends run here
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help); modules are imported only when their command runs
+COMMANDS = {
+    "train": ("crisp_fast.train.main", "main", "run CRISP self-distillation training"),
+    "eval": ("crisp_fast.eval.cli", "eval_main", "generate and grade a model on a math dataset"),
+    "grade": ("crisp_fast.eval.cli", "grade_main", "grade existing responses (no model)"),
+    "compare": ("crisp_fast.eval.cli", "compare_main", "compare evaluation summaries, paper-style"),
+    "demo": ("crisp_fast.demo.main", "main", "the embedded default: CRISP on a toy reasoning world"),
+    "backends": ("crisp_fast.cli", "backends_main", "list the fused-loss backends and whether they run here"),
+}
+
+
+def backends_main(argv: list[str]) -> int:
+    from crisp_fast.loss import available_backends
+
+    for name, state in available_backends().items():
+        print(f"{name:8s} {state}")
+    return 0
+
+
+def usage() -> str:
+    lines = ["usage: crisp-fast <command> [args]", "", "commands:"]
+    lines += [f"  {name:10s} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"crisp-fast: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[command]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
