@@ -245,8 +245,8 @@ class _PerTokenDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_raw_lse, _grad_stats):
         stats = ctx.saved_tensors[6]
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[6]
-        raw = grad_raw_lse.float().contiguous() if ctx.options.need_raw_lse else None
-        grads = ctx.backend.backward(*_backend_args(ctx), stats, grad_loss.float().contiguous(), raw,
+        raw = grad_raw_lse.to(stats.dtype).contiguous() if ctx.options.need_raw_lse else None
+        grads = ctx.backend.backward(*_backend_args(ctx), stats, grad_loss.to(stats.dtype).contiguous(), raw,
                                      need_grad_hidden=need_hidden, need_grad_weight=need_weight,
                                      need_grad_bias=need_bias, **dataclasses.asdict(ctx.options))
         grad_hidden, grad_weight, grad_bias = _student_grads(ctx, *grads)
@@ -287,8 +287,8 @@ class _ReducedDivergence(torch.autograd.Function):
         else:
             stats, loss_coeff, raw_coeff = ctx.saved_tensors[6:9]
             grads = ctx.backend.backward(
-                *_backend_args(ctx), stats, (loss_coeff * grad_total).float().contiguous(),
-                None if raw_coeff is None else (raw_coeff * grad_total).float().contiguous(),
+                *_backend_args(ctx), stats, (loss_coeff * grad_total).to(stats.dtype).contiguous(),
+                None if raw_coeff is None else (raw_coeff * grad_total).to(stats.dtype).contiguous(),
                 need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[2],
                 need_grad_bias=ctx.needs_input_grad[6], **dataclasses.asdict(ctx.options))
         grad_hidden, grad_weight, grad_bias = _student_grads(ctx, *grads)
@@ -344,7 +344,9 @@ def fused_linear_divergence(
     h_t = teacher_hidden.detach().reshape(-1, d_t)
     n = h_s.shape[0]
     counted = torch.ones(n, dtype=torch.bool, device=h_s.device) if mask is None else mask.reshape(-1) != 0
-    weights = None if token_weights is None else token_weights.reshape(-1).float()
+    # statistics are fp32 (fp64 only for fp64 inputs, which the torch backend accepts for testing)
+    stat_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    weights = None if token_weights is None else token_weights.reshape(-1).to(stat_dtype)
     rows = counted.nonzero().squeeze(1) if mask is not None else None
 
     if rows is not None:
@@ -356,8 +358,8 @@ def fused_linear_divergence(
 
     weight = lm_head_weight.contiguous()
     teacher_weight = None if teacher_lm_head_weight is None else teacher_lm_head_weight.detach().contiguous()
-    b_s = None if student_bias is None else student_bias.detach().float().contiguous()
-    b_t = None if teacher_bias is None else teacher_bias.detach().float().contiguous()
+    b_s = None if student_bias is None else student_bias.detach().to(stat_dtype).contiguous()
+    b_t = None if teacher_bias is None else teacher_bias.detach().to(stat_dtype).contiguous()
     args = (h_s.contiguous(), h_t.contiguous(), weight, teacher_weight, b_s, b_t, student_bias)
 
     if reduction == "none":
@@ -369,10 +371,10 @@ def fused_linear_divergence(
         if weights is not None:
             coeff = weights
         elif reduction == "mean":
-            coeff = torch.full((m,), 1.0 / m, device=h_s.device)
+            coeff = torch.full((m,), 1.0 / m, device=h_s.device, dtype=stat_dtype)
         else:
-            coeff = torch.ones(m, device=h_s.device)
-        raw_coeff = None if _raw_lse_coeff is None else _raw_lse_coeff.reshape(-1).float()
+            coeff = torch.ones(m, device=h_s.device, dtype=stat_dtype)
+        raw_coeff = None if _raw_lse_coeff is None else _raw_lse_coeff.reshape(-1).to(stat_dtype)
         if raw_coeff is not None and rows is not None:
             raw_coeff = raw_coeff.index_select(0, rows)
         loss, stats = _ReducedDivergence.apply(*args, coeff.contiguous(), raw_coeff, module, options)

@@ -1,0 +1,318 @@
+"""The pure-PyTorch backend: the fused algorithm in plain torch ops, runs anywhere.
+
+Two strategies, both bounded by a memory budget and neither holding a tokens x vocab tensor:
+
+* `forward` / `backward` (used for reduction="none", or when no gradient is needed) tile over
+  tokens and vocabulary. Forward keeps an online log-sum-exp per row for both sides plus the
+  accumulators of the divergence; backward recomputes each logits tile from the saved row
+  statistics. Cost: 6 GEMMs of 2*N*D*V FLOPs (2 forward, 2 recompute, dh, dW).
+
+* `forward_backward` for reverse KL (scalar reductions: the per-row gradient coefficients are
+  known before the loss) takes a chunk of rows across the whole vocabulary at once, so each row's statistics are
+  exact before its gradient is formed and nothing is recomputed: 4 GEMMs, the floor. The chunk
+  has `rows x V` elements, with `rows` chosen so its buffers fit the budget.
+
+The budget defaults to 40% of the irreducible gradient memory (fp32 dW + dh), at least 32 MiB;
+override with CRISP_FAST_TORCH_BUDGET_MB.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from crisp_fast.backends import (
+    GRAD_SHIFT, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LSE, STUDENT_RAW_LSE, TEACHER_LSE,
+)
+
+VOCAB_TILE = 8192
+
+
+def is_available():
+    return True, ""
+
+
+def _budget_bytes(n, d, vocab, need_grad_weight=True):
+    if "CRISP_FAST_TORCH_BUDGET_MB" in os.environ:
+        return int(float(os.environ["CRISP_FAST_TORCH_BUDGET_MB"]) * 2**20)
+    irreducible = 4 * (n * d + (vocab * d if need_grad_weight else 0))
+    return max(32 * 2**20, int(0.4 * irreducible))
+
+
+def _compute_dtype(tensor):
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _capped_logits(hidden, weight, bias, scale, softcap):
+    """y = softcap(scale * (h W^T + b)) for one block, in the compute dtype."""
+    y = hidden @ weight.to(hidden.dtype).T
+    if bias is not None:
+        y += bias.to(y.dtype)
+    if scale != 1.0:
+        y *= scale
+    if softcap is not None:
+        y = torch.tanh(y / softcap).mul_(softcap)
+    return y
+
+
+def _cap_derivative(capped, scale, softcap):
+    """d y / d(h W^T + b) given the capped logits y."""
+    if softcap is None:
+        return scale
+    return (1.0 - (capped / softcap) ** 2) * scale
+
+
+def _rowdot(a, b):
+    """sum_j a_ij b_ij without a rows x cols temporary (dispatches to a batched GEMV)."""
+    return torch.einsum("ij,ij->i", a, b)
+
+
+class _OnlineLSE:
+    """Running max and rescaled sum of exp per row, plus accumulators weighted by the same exps."""
+
+    def __init__(self, rows, n_acc, device, dtype):
+        self.max = torch.full((rows,), -math.inf, device=device, dtype=dtype)
+        self.total = torch.zeros(rows, device=device, dtype=dtype)
+        self.acc = torch.zeros(n_acc, rows, device=device, dtype=dtype)
+
+    def update(self, x, *weighted):
+        """x: [rows, cols] logits; weighted: [rows, cols] values whose exp(x)-weighted sums accumulate."""
+        new_max = torch.maximum(self.max, x.amax(dim=1))
+        # a row whose max is still -inf contributes nothing; avoid inf - inf
+        safe_max = torch.where(torch.isinf(new_max) & (new_max < 0), torch.zeros_like(new_max), new_max)
+        rescale = torch.exp(self.max - safe_max)
+        e = torch.exp(x - safe_max[:, None])
+        self.total = self.total * rescale + e.sum(dim=1)
+        for k, values in enumerate(weighted):
+            self.acc[k] = self.acc[k] * rescale + _rowdot(e, values)
+        self.max = new_max
+
+    def lse(self):
+        return self.max + torch.log(self.total)
+
+    def mean(self, k):
+        return self.acc[k] / self.total
+
+
+# ------------------------------------------------------------------------------------------
+# tiled forward (statistics only) and backward (recompute)
+# ------------------------------------------------------------------------------------------
+def _tiles(n, vocab, budget, per_element_bytes):
+    vocab_tile = min(vocab, VOCAB_TILE)
+    rows = max(1, min(n, budget // (per_element_bytes * vocab_tile)))
+    return rows, vocab_tile
+
+
+def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
+            divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
+            need_raw_lse):
+    n, d = student_hidden.shape
+    vocab = weight.shape[0]
+    t_weight = weight if teacher_weight is None else teacher_weight
+    dtype = _compute_dtype(student_hidden)
+    stats = torch.zeros(n, NUM_STATS, device=student_hidden.device, dtype=dtype)
+    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab), per_element_bytes=4 * 10)
+
+    def logits_tile(r0, r1, v0, v1):
+        ys = _capped_logits(student_hidden[r0:r1].to(dtype), weight[v0:v1], _slice(student_bias, v0, v1),
+                            student_scale, student_softcap)
+        yt = _capped_logits(teacher_hidden[r0:r1].to(dtype), t_weight[v0:v1], _slice(teacher_bias, v0, v1),
+                            teacher_scale, teacher_softcap)
+        return ys, ys / temperature, yt / temperature
+
+    for r0 in range(0, n, rows_per_tile):
+        r1 = min(n, r0 + rows_per_tile)
+        rows = r1 - r0
+        # student accumulators: E[x_s - x_t], E[x_s]; teacher accumulator: E_q[x_t - x_s]
+        student = _OnlineLSE(rows, 2, student_hidden.device, dtype)
+        teacher = _OnlineLSE(rows, 1, student_hidden.device, dtype)
+        raw = _OnlineLSE(rows, 0, student_hidden.device, dtype) if need_raw_lse else None
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(vocab, v0 + vocab_tile)
+            ys, xs, xt = logits_tile(r0, r1, v0, v1)
+            difference = xs - xt
+            student.update(xs, difference, xs)
+            teacher.update(xt, difference.neg_())
+            if raw is not None:
+                raw.update(ys)
+        lse_s, lse_t = student.lse(), teacher.lse()
+        block = stats[r0:r1]
+        block[:, STUDENT_LSE], block[:, TEACHER_LSE] = lse_s, lse_t
+        block[:, STUDENT_ENTROPY] = lse_s - student.mean(1)
+        if raw is not None:
+            block[:, STUDENT_RAW_LSE] = raw.lse()
+        if divergence == "reverse_kl":
+            # KL(p||q) = E_p[x_s - x_t] - lse_s + lse_t
+            block[:, LOSS] = block[:, GRAD_SHIFT] = student.mean(0) - lse_s + lse_t
+        elif divergence == "forward_kl":
+            block[:, LOSS] = teacher.mean(0) - lse_t + lse_s
+        else:  # jsd needs the final lse of both sides: a second sweep over the vocabulary
+            kl_q_m = torch.zeros(rows, device=stats.device, dtype=dtype)
+            kl_p_m = torch.zeros_like(kl_q_m)
+            for v0 in range(0, vocab, vocab_tile):
+                v1 = min(vocab, v0 + vocab_tile)
+                _, xs, xt = logits_tile(r0, r1, v0, v1)
+                log_p, log_q = xs - lse_s[:, None], xt - lse_t[:, None]
+                log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
+                kl_q_m += _rowdot(log_q.exp(), log_q - log_m)
+                kl_p_m += _rowdot(log_p.exp(), log_p - log_m)
+            block[:, LOSS] = beta * kl_q_m + (1 - beta) * kl_p_m
+            block[:, GRAD_SHIFT] = kl_p_m
+    return stats
+
+
+def _slice(bias, v0, v1):
+    return None if bias is None else bias[v0:v1]
+
+
+def _logit_gradient(xs, xt, ys, row_stats, grad_loss, grad_raw_lse, *, divergence, beta, temperature,
+                    student_scale, student_softcap):
+    """dL/da for one tile, a = h W^T + b (the student's pre-activation)."""
+    log_p = xs - row_stats[:, STUDENT_LSE, None]
+    log_q = xt - row_stats[:, TEACHER_LSE, None]
+    p = log_p.exp()
+    shift = row_stats[:, GRAD_SHIFT, None]
+    if divergence == "reverse_kl":
+        g = p * (log_p - log_q - shift)
+    elif divergence == "forward_kl":
+        g = p - log_q.exp()
+    else:
+        log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
+        g = (1 - beta) * p * (log_p - log_m - shift)
+    g *= (grad_loss / temperature)[:, None]
+    if grad_raw_lse is not None:
+        g += grad_raw_lse[:, None] * torch.exp(ys - row_stats[:, STUDENT_RAW_LSE, None])
+    return g * _cap_derivative(ys, student_scale, student_softcap)
+
+
+def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
+             grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias,
+             divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
+             need_raw_lse):
+    n, d = student_hidden.shape
+    vocab = weight.shape[0]
+    t_weight = weight if teacher_weight is None else teacher_weight
+    dtype = _compute_dtype(student_hidden)
+    device = student_hidden.device
+    grad_hidden = torch.zeros(n, d, device=device, dtype=dtype) if need_grad_hidden else None
+    grad_weight = torch.zeros(vocab, d, device=device, dtype=dtype) if need_grad_weight else None
+    grad_bias = torch.zeros(vocab, device=device, dtype=dtype) if need_grad_bias else None
+    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab, need_grad_weight), 4 * 10)
+    stats = stats.to(dtype)
+    for r0 in range(0, n, rows_per_tile):
+        r1 = min(n, r0 + rows_per_tile)
+        h_s = student_hidden[r0:r1].to(dtype)
+        h_t = teacher_hidden[r0:r1].to(dtype)
+        for v0 in range(0, vocab, vocab_tile):
+            v1 = min(vocab, v0 + vocab_tile)
+            ys = _capped_logits(h_s, weight[v0:v1], _slice(student_bias, v0, v1), student_scale, student_softcap)
+            yt = _capped_logits(h_t, t_weight[v0:v1], _slice(teacher_bias, v0, v1), teacher_scale, teacher_softcap)
+            g = _logit_gradient(ys / temperature, yt / temperature, ys, stats[r0:r1], grad_loss[r0:r1].to(dtype),
+                                None if grad_raw_lse is None else grad_raw_lse[r0:r1].to(dtype),
+                                divergence=divergence, beta=beta, temperature=temperature,
+                                student_scale=student_scale, student_softcap=student_softcap)
+            if grad_hidden is not None:
+                grad_hidden[r0:r1].addmm_(g, weight[v0:v1].to(dtype))
+            if grad_weight is not None:
+                grad_weight[v0:v1].addmm_(g.T, h_s)
+            if grad_bias is not None:
+                grad_bias[v0:v1] += g.sum(dim=0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------
+# 4-GEMM forward+backward for scalar reductions
+# ------------------------------------------------------------------------------------------
+def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
+                     grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias,
+                     divergence, beta, temperature, student_scale, teacher_scale, student_softcap,
+                     teacher_softcap, need_raw_lse):
+    options = dict(divergence=divergence, beta=beta, temperature=temperature, student_scale=student_scale,
+                   teacher_scale=teacher_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                   need_raw_lse=need_raw_lse)
+    if divergence != "reverse_kl":
+        # jsd needs two sweeps anyway and forward KL is not the hot path: the tiled pair is exact
+        stats = forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, **options)
+        grads = backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
+                         grad_loss, grad_raw_lse, need_grad_hidden=need_grad_hidden,
+                         need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias, **options)
+        return stats, grads
+
+    n, d = student_hidden.shape
+    vocab = weight.shape[0]
+    t_weight = weight if teacher_weight is None else teacher_weight
+    dtype = _compute_dtype(student_hidden)
+    device = student_hidden.device
+    stats = torch.zeros(n, NUM_STATS, device=device, dtype=dtype)
+    grad_hidden = torch.zeros(n, d, device=device, dtype=dtype) if need_grad_hidden else None
+    grad_weight = torch.zeros(vocab, d, device=device, dtype=dtype) if need_grad_weight else None
+    grad_bias = torch.zeros(vocab, device=device, dtype=dtype) if need_grad_bias else None
+    # three rows x V buffers live at once (student, teacher, scratch)
+    rows_per_chunk = max(1, min(n, _budget_bytes(n, d, vocab, need_grad_weight) // (3 * 4 * vocab)))
+    same_dtype = weight.dtype == dtype and t_weight.dtype == dtype
+
+    def full_vocab_logits(hidden, w, bias, scale, softcap, out):
+        if same_dtype:
+            torch.mm(hidden, w.T, out=out)
+        else:  # upcast the weight block by block: logits are fp32 whatever the input dtype
+            for v0 in range(0, vocab, VOCAB_TILE):
+                v1 = min(vocab, v0 + VOCAB_TILE)
+                torch.mm(hidden, w[v0:v1].to(dtype).T, out=out[:, v0:v1])
+        if bias is not None:
+            out += bias.to(dtype)
+        if scale != 1.0:
+            out *= scale
+        if softcap is not None:
+            out.div_(softcap).tanh_().mul_(softcap)
+        return out
+
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        rows = r1 - r0
+        h_s = student_hidden[r0:r1].to(dtype)
+        buffers = torch.empty(3, rows, vocab, device=device, dtype=dtype)
+        ys, xt, scratch = buffers[0], buffers[1], buffers[2]
+        full_vocab_logits(h_s, weight, student_bias, student_scale, student_softcap, ys)
+        full_vocab_logits(teacher_hidden[r0:r1].to(dtype), t_weight, teacher_bias, teacher_scale, teacher_softcap, xt)
+        block = stats[r0:r1]
+        if need_raw_lse:
+            block[:, STUDENT_RAW_LSE] = torch.logsumexp(ys, dim=1)
+        xt /= temperature
+        xs = torch.div(ys, temperature, out=scratch)
+        lse_s, lse_t = torch.logsumexp(xs, dim=1), torch.logsumexp(xt, dim=1)
+        block[:, STUDENT_LSE], block[:, TEACHER_LSE] = lse_s, lse_t
+        # scratch <- log p, xt <- log q
+        xs -= lse_s[:, None]
+        xt -= lse_t[:, None]
+        log_p, log_q = scratch, xt
+        log_q.neg_().add_(log_p)                       # xt <- log p - log q
+        p = log_p.exp_()                               # scratch <- p
+        kl = _rowdot(p, xt)
+        block[:, LOSS] = block[:, GRAD_SHIFT] = kl
+        # H(p) = -E_p[log p] = lse_s - E_p[x_s], with x_s = y_s / T
+        block[:, STUDENT_ENTROPY] = lse_s - _rowdot(p, ys) / temperature
+        g = xt.sub_(kl[:, None]).mul_(p)               # xt <- p (log p - log q - KL)
+        g *= (grad_loss[r0:r1].to(dtype) / temperature)[:, None]
+        if grad_raw_lse is not None:
+            # + grad_raw * softmax(y_s); scratch is free now
+            softmax_raw = torch.sub(ys, block[:, STUDENT_RAW_LSE, None], out=scratch).exp_()
+            g.addcmul_(softmax_raw, grad_raw_lse[r0:r1].to(dtype)[:, None])
+        if student_softcap is not None:
+            g *= torch.div(ys, student_softcap, out=scratch).square_().neg_().add_(1.0)
+        if student_scale != 1.0:
+            g *= student_scale
+        if grad_hidden is not None:
+            if same_dtype:
+                torch.mm(g, weight, out=grad_hidden[r0:r1])
+            else:
+                for v0 in range(0, vocab, VOCAB_TILE):
+                    v1 = min(vocab, v0 + VOCAB_TILE)
+                    grad_hidden[r0:r1].addmm_(g[:, v0:v1], weight[v0:v1].to(dtype))
+        if grad_weight is not None:
+            grad_weight.addmm_(g.T, h_s)
+        if grad_bias is not None:
+            grad_bias += g.sum(dim=0)
+        del buffers, g
+    return stats, (grad_hidden, grad_weight, grad_bias)
+
