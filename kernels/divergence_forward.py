@@ -1,0 +1,347 @@
+"""Forward statistics of the fused linear divergence: per-token loss, log-sum-exps and entropy
+straight from hidden states and the lm_head weight, with no tokens x vocab tensor in memory.
+
+Per side, a logits tile is `x = cap(scale * (h W^T + b)) / T` (cap = c * tanh(./c) when a softcap
+is given), computed in fp32 registers by a K-loop of tl.dot over the hidden size. One sweep over
+the vocabulary keeps, per token, an online log-sum-exp of both sides (max m, sum Z) and:
+
+    E = sum_v exp(x_s - m_s) x_s                 -> entropy H = lse_s - E / Z_s
+    C = sum_v exp(x_s - m_s) (x_s - x_t)         -> reverse KL = C / Z_s - lse_s + lse_t
+    C = sum_v exp(x_t - m_t) (x_t - x_s)         -> forward KL = C / Z_t - lse_t + lse_s
+    R = sum_v exp(T x_s - T m_s)                 -> raw lse = T m_s + log R   (only if asked)
+
+JSD needs log M = log(beta q + (1-beta) p), i.e. the *final* lse of both sides, before it can sum:
+it runs the same kernel a second time (constexpr MODE = JSD_SECOND), which doubles its forward cost
+to 8 T D V FLOPs and twice the weight/hidden reads. Reverse and forward KL take one sweep (4TDV).
+
+Work split: grid = (token blocks, vocabulary splits). A token block of BT rows alone gives only
+N / BT programs (16 for N = 1024, BT = 64, on a 132-SM H100), so the vocabulary is cut into
+`splits` contiguous ranges of whole BV tiles, each program writes its partial (m, Z, E, C, R) per
+row to a [splits, N, 7] fp32 buffer, and `_merge_partials` (a few torch ops on [splits, N]) rescales
+them to the common max. `splits` is chosen so that there are about two waves of programs; with
+many tokens it is 1-3. Programs of one split sweep the same W tiles at the same time, so W is
+read from DRAM about once per split wave and reused from L2 by the token blocks.
+
+Interpreter mode (TRITON_INTERPRET=1): bf16 arithmetic is not emulated correctly there, so the
+launcher sets UPCAST and every tile is converted to fp32 right after loading.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+REVERSE_KL, FORWARD_KL, JSD_FIRST, JSD_SECOND = 0, 1, 2, 3
+MODES = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "jsd": JSD_FIRST}
+PARTIAL_COLUMNS = 7  # m_s, Z_s, m_t, Z_t, E, C, R
+NUM_STATS = 6        # LOSS, STUDENT_LSE, TEACHER_LSE, STUDENT_ENTROPY, GRAD_SHIFT, STUDENT_RAW_LSE
+H100_SMS = 132
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# shared tile helpers (also used by the backward kernel)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _finish_logits(acc, b_ptr, cols, col_ok, scale, softcap, inv_temp,
+                   HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
+    """fp32 h W^T tile -> tempered logits x = cap(scale * (acc + b)) / T."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    z = acc * scale
+    if HAS_CAP:
+        # c * tanh(z / c) written with exp: tl has no tanh that also runs in the interpreter;
+        # exp overflow gives the right limits (+-1).
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    return z * inv_temp
+
+
+@triton.jit
+def _logits_one_side(h_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
+                     BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """h[rows] @ W[cols]^T over the full hidden size K, fp32 accumulation."""
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        h = tl.load(h_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _logits_shared_weight(hs_ptr, ht_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
+                          BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Student and teacher h W^T tiles from ONE load of each W tile."""
+    acc_s = tl.zeros([BT, BV], dtype=tl.float32)
+    acc_t = tl.zeros([BT, BV], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < K
+        hk_mask = row_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        hs = tl.load(hs_ptr + rows[:, None] * K + ks[None, :], mask=hk_mask, other=0.0)
+        ht = tl.load(ht_ptr + rows[:, None] * K + ks[None, :], mask=hk_mask, other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            hs = hs.to(tl.float32)
+            ht = ht.to(tl.float32)
+        wt = tl.trans(w)
+        acc_s = tl.dot(hs, wt, acc_s, input_precision=PRECISION)
+        acc_t = tl.dot(ht, wt, acc_t, input_precision=PRECISION)
+    return acc_s, acc_t
+
+
+@triton.jit
+def _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, row_ok, col_ok,
+                            D, DT, s_scale, t_scale, s_cap, t_cap, inv_temp,
+                            SHARED_W: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+                            HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
+                            BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Tempered fp32 logits tiles (x_s, x_t) for rows x cols."""
+    if SHARED_W:
+        acc_s, acc_t = _logits_shared_weight(hs_ptr, ht_ptr, w_ptr, rows, cols, row_ok, col_ok, D,
+                                             BT, BV, BK, UPCAST, PRECISION)
+    else:
+        acc_s = _logits_one_side(hs_ptr, w_ptr, rows, cols, row_ok, col_ok, D, BT, BV, BK, UPCAST, PRECISION)
+        acc_t = _logits_one_side(ht_ptr, wt_ptr, rows, cols, row_ok, col_ok, DT, BT, BV, BK, UPCAST, PRECISION)
+    x_s = _finish_logits(acc_s, bs_ptr, cols, col_ok, s_scale, s_cap, inv_temp, HAS_BS, HAS_SCAP)
+    x_t = _finish_logits(acc_t, bt_ptr, cols, col_ok, t_scale, t_cap, inv_temp, HAS_BT, HAS_TCAP)
+    return x_s, x_t
+
+
+@triton.jit
+def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
+    """log(beta q + (1 - beta) p) from log p and log q, without overflow."""
+    a = log_p + log_1m_beta
+    b = log_q + log_beta
+    top = tl.maximum(a, b)
+    return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+
+
+# ------------------------------------------------------------------------------------------------
+# the statistics kernel
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def divergence_stats_kernel(
+    hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_ptr, part_ptr,
+    N, V, D, DT, tiles_per_split,
+    s_scale, t_scale, s_cap, t_cap, inv_temp, temperature, log_1m_beta, log_beta,
+    MODE: tl.constexpr, SHARED_W: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
+    HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr, NEED_RAW: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Partial per-token statistics of BT tokens over one vocabulary split.
+
+    Grid (cdiv(N, BT), splits). MODE 0/1/2 (reverse KL / forward KL / JSD first sweep) write
+    (m_s, Z_s, m_t, Z_t, E, C, R) to part[split, row, :7]; MODE 3 (JSD second sweep) reads the
+    final (lse_s, lse_t) from lse_ptr [N, 2] and writes (KL(p||m), KL(q||m)) to part[split, row, :2].
+    Traffic per program: its BT rows of h_s and h_t (D + Dt elements each) once per BV tile, and
+    each W (and W_t) tile of its split once, i.e. (N/BT) x (V D [+ V Dt]) weight elements in all,
+    plus 7 fp32 per row and split written.
+    """
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_t * BT + tl.arange(0, BT)
+    row_ok = rows < N
+    tile_begin = pid_s * tiles_per_split
+    num_tiles = tl.cdiv(V, BV)
+    tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
+
+    if MODE == 3:
+        lse_s = tl.load(lse_ptr + rows * 2, mask=row_ok, other=0.0)
+        lse_t = tl.load(lse_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+        kl_pm = tl.zeros([BT], dtype=tl.float32)
+        kl_qm = tl.zeros([BT], dtype=tl.float32)
+    else:
+        m_s = tl.full([BT], float("-inf"), dtype=tl.float32)
+        m_t = tl.full([BT], float("-inf"), dtype=tl.float32)
+        z_s = tl.zeros([BT], dtype=tl.float32)
+        z_t = tl.zeros([BT], dtype=tl.float32)
+        e_s = tl.zeros([BT], dtype=tl.float32)
+        cross = tl.zeros([BT], dtype=tl.float32)
+        raw = tl.zeros([BT], dtype=tl.float32)
+
+    for tile in range(tile_begin, tile_end):
+        cols = tile * BV + tl.arange(0, BV)
+        col_ok = cols < V
+        x_s, x_t = _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, row_ok,
+                                           col_ok, D, DT, s_scale, t_scale, s_cap, t_cap, inv_temp,
+                                           SHARED_W, HAS_BS, HAS_BT, HAS_SCAP, HAS_TCAP, BT, BV, BK,
+                                           UPCAST, PRECISION)
+        valid = col_ok[None, :]
+        if MODE == 3:
+            log_p = x_s - lse_s[:, None]
+            log_q = x_t - lse_t[:, None]
+            log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
+            kl_pm += tl.sum(tl.where(valid, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
+            kl_qm += tl.sum(tl.where(valid, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+        else:
+            x_s = tl.where(valid, x_s, float("-inf"))
+            x_t = tl.where(valid, x_t, float("-inf"))
+            new_ms = tl.maximum(m_s, tl.max(x_s, axis=1))
+            new_mt = tl.maximum(m_t, tl.max(x_t, axis=1))
+            alpha_s = tl.exp(m_s - new_ms)
+            alpha_t = tl.exp(m_t - new_mt)
+            p = tl.exp(x_s - new_ms[:, None])  # 0 on invalid columns
+            q = tl.exp(x_t - new_mt[:, None])
+            xs0 = tl.where(valid, x_s, 0.0)
+            z_s = z_s * alpha_s + tl.sum(p, axis=1)
+            z_t = z_t * alpha_t + tl.sum(q, axis=1)
+            e_s = e_s * alpha_s + tl.sum(p * xs0, axis=1)
+            if MODE == 0:
+                cross = cross * alpha_s + tl.sum(p * (xs0 - tl.where(valid, x_t, 0.0)), axis=1)
+            if MODE == 1:
+                cross = cross * alpha_t + tl.sum(q * (tl.where(valid, x_t, 0.0) - xs0), axis=1)
+            if NEED_RAW:
+                raw = raw * tl.exp(temperature * (m_s - new_ms)) + \
+                    tl.sum(tl.exp(temperature * (x_s - new_ms[:, None])), axis=1)
+            m_s = new_ms
+            m_t = new_mt
+
+    out = part_ptr + (pid_s * N + rows) * 7
+    if MODE == 3:
+        tl.store(out + 0, kl_pm, mask=row_ok)
+        tl.store(out + 1, kl_qm, mask=row_ok)
+    else:
+        tl.store(out + 0, m_s, mask=row_ok)
+        tl.store(out + 1, z_s, mask=row_ok)
+        tl.store(out + 2, m_t, mask=row_ok)
+        tl.store(out + 3, z_t, mask=row_ok)
+        tl.store(out + 4, e_s, mask=row_ok)
+        tl.store(out + 5, cross, mask=row_ok)
+        tl.store(out + 6, raw, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configuration
+# ------------------------------------------------------------------------------------------------
+def _pow2_at_most(value: int, cap: int, floor: int = 16) -> int:
+    return max(floor, min(cap, triton.next_power_of_2(max(int(value), 1))))
+
+
+def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: bool | None = None) -> dict:
+    """Tile shape, warps and vocabulary splits of the statistics kernel.
+
+    GPU: BT 64 x BV 128 x BK 32 at 8 warps: the largest tile whose two fp32 logits tiles plus the
+    online-softmax temporaries compile for sm_90 with HGMMA and no spills (see sm90_report); BT < 64
+    would lose wgmma. Interpreter: large blocks, because its cost is per tile-operation, not per element.
+    """
+    if interpret is None:
+        interpret = interpreting()
+    if interpret:
+        config = dict(BT=_pow2_at_most(n, 64), BV=_pow2_at_most(v, 512), BK=_pow2_at_most(d, 256),
+                      num_warps=4, num_stages=1)
+    else:
+        config = dict(BT=64, BV=128, BK=32, num_warps=8, num_stages=3)
+    token_blocks = triton.cdiv(n, config["BT"])
+    vocab_tiles = triton.cdiv(v, config["BV"])
+    target = 2 * H100_SMS if not interpret else 1
+    splits = max(1, min(vocab_tiles, triton.cdiv(target, token_blocks)))
+    config["tiles_per_split"] = triton.cdiv(vocab_tiles, splits)
+    config["splits"] = triton.cdiv(vocab_tiles, config["tiles_per_split"])
+    return config
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to tf32 on the GPU
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap):
+    """The constexpr switches both kernels share."""
+    return dict(SHARED_W=teacher_weight is None, HAS_BS=student_bias is not None, HAS_BT=teacher_bias is not None,
+                HAS_SCAP=student_softcap is not None, HAS_TCAP=teacher_softcap is not None,
+                UPCAST=interpreting(), PRECISION=_precision(weight.dtype))
+
+
+def scalar_args(temperature, student_scale, teacher_scale, student_softcap, teacher_softcap, beta):
+    """Runtime float arguments, in kernel order (s_scale, t_scale, s_cap, t_cap, inv_temp, T, log(1-b), log b)."""
+    log_1m_beta = math.log(1.0 - beta) if beta < 1.0 else 0.0
+    log_beta = math.log(beta) if beta > 0.0 else 0.0
+    return (float(student_scale), float(teacher_scale), float(student_softcap or 1.0), float(teacher_softcap or 1.0),
+            1.0 / float(temperature), float(temperature), log_1m_beta, log_beta)
+
+
+def _merge_partials(part: torch.Tensor, mode: int, temperature: float, need_raw: bool):
+    """[splits, N, 7] partial online-softmax sums -> per-row (lse_s, lse_t, E/Z_s, C/Z, raw lse)."""
+    m_s, z_s, m_t, z_t, e_s, cross, raw = part.unbind(-1)
+    top_s = m_s.max(0).values
+    top_t = m_t.max(0).values
+    w_s = torch.exp(m_s - top_s)
+    w_t = torch.exp(m_t - top_t)
+    sum_s = (z_s * w_s).sum(0)
+    sum_t = (z_t * w_t).sum(0)
+    lse_s = top_s + torch.log(sum_s)
+    lse_t = top_t + torch.log(sum_t)
+    mean_xs = (e_s * w_s).sum(0) / sum_s
+    if mode == REVERSE_KL:
+        mean_cross = (cross * w_s).sum(0) / sum_s
+    elif mode == FORWARD_KL:
+        mean_cross = (cross * w_t).sum(0) / sum_t
+    else:
+        mean_cross = None
+    raw_lse = None
+    if need_raw:
+        raw_lse = temperature * top_s + torch.log((raw * torch.exp(temperature * (m_s - top_s))).sum(0))
+    return lse_s, lse_t, mean_xs, mean_cross, raw_lse
+
+
+def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=None, student_bias=None,
+                       teacher_bias=None, *, divergence="reverse_kl", beta=1.0, temperature=1.0,
+                       student_scale=1.0, teacher_scale=1.0, student_softcap=None, teacher_softcap=None,
+                       need_raw_lse=False, config=None):
+    """Per-token statistics, fp32 [N, 6] (columns as in crisp_fast.backends), from contiguous 2-D inputs."""
+    n, d = student_hidden.shape
+    v = weight.shape[0]
+    d_t = teacher_hidden.shape[1]
+    mode = MODES[divergence]
+    cfg = dict(config or forward_config(n, max(d, d_t), v, weight.dtype))
+    splits, tiles_per_split = cfg.pop("splits"), cfg.pop("tiles_per_split")
+    flags = kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap)
+    scalars = scalar_args(temperature, student_scale, teacher_scale, student_softcap, teacher_softcap, beta)
+    device = student_hidden.device
+    part = torch.empty((splits, n, PARTIAL_COLUMNS), dtype=torch.float32, device=device)
+    w_t = weight if teacher_weight is None else teacher_weight
+    b_s = weight if student_bias is None else student_bias  # any pointer: never read without HAS_BS
+    b_t = weight if teacher_bias is None else teacher_bias
+    grid = (triton.cdiv(n, cfg["BT"]), splits)
+
+    def launch(mode_now, lse_pair):
+        divergence_stats_kernel[grid](
+            student_hidden, teacher_hidden, weight, w_t, b_s, b_t, lse_pair, part,
+            n, v, d, d_t, tiles_per_split, *scalars,
+            MODE=mode_now, NEED_RAW=bool(need_raw_lse) and mode_now != JSD_SECOND, **flags, **cfg)
+
+    launch(mode, part)  # lse_ptr unused outside the second JSD sweep
+    lse_s, lse_t, mean_xs, mean_cross, raw_lse = _merge_partials(part, mode, temperature, need_raw_lse)
+    stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
+    stats[:, 1], stats[:, 2] = lse_s, lse_t
+    stats[:, 3] = lse_s - mean_xs
+    if mode == REVERSE_KL:
+        loss = mean_cross - lse_s + lse_t
+        stats[:, 0], stats[:, 4] = loss, loss
+    elif mode == FORWARD_KL:
+        stats[:, 0] = mean_cross - lse_t + lse_s
+    else:
+        lse_pair = torch.stack([lse_s, lse_t], dim=1).contiguous()
+        launch(JSD_SECOND, lse_pair)
+        kl_pm, kl_qm = part[:, :, 0].sum(0), part[:, :, 1].sum(0)
+        stats[:, 0] = beta * kl_qm + (1.0 - beta) * kl_pm
+        stats[:, 4] = kl_pm
+    if need_raw_lse:
+        stats[:, 5] = raw_lse
+    return stats
