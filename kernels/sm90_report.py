@@ -1,0 +1,136 @@
+"""Compile every Triton kernel of the fused divergence ahead of time for Hopper (sm_90) and read the
+machine code: registers, spills, shared memory and HGMMA (wgmma) instructions per kernel. No GPU
+is needed: triton.compile targets sm_90 and the wheel's own ptxas/cuobjdump do the rest.
+
+    python -m crisp_fast.kernels.sm90_report          # installed package
+    python -m kernels.sm90_report                     # from the repository root
+
+The configurations are the ones the launchers choose (forward_config / backward_config) for a
+Qwen3-8B-like problem: D = 4096, V = 151,936, bf16 inputs, 8,192 tokens. `sm90_facts()` returns
+the facts as a list of dicts for the benchmarks. Must run without TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+
+QWEN3_8B = dict(n=8192, d=4096, v=151_936)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"cuobjdump not found in the triton wheel at {path}")
+    return path
+
+
+def _kernels():
+    try:
+        from crisp_fast.kernels import divergence_backward as bwd, divergence_forward as fwd
+    except ImportError:
+        from kernels import divergence_backward as bwd, divergence_forward as fwd
+    return fwd, bwd
+
+
+def _signature(fn, pointer_types: dict, constexprs: dict) -> dict:
+    """Triton signature: pointers as given, ints i32, floats fp32, constexprs marked."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, "*fp32")
+        elif name in ("N", "V", "D", "DT", "tiles_per_split"):
+            signature[name] = "i32"
+        else:
+            signature[name] = "fp32"
+    return signature
+
+
+def kernel_variants(dtype: str = "bf16", shape: dict | None = None) -> list[dict]:
+    """Every kernel the launchers use for `shape`, with the launcher-chosen tiles and warps."""
+    fwd, bwd = _kernels()
+    shape = shape or QWEN3_8B
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, interpret=False)
+    b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, interpret=False)
+    inputs = {name: f"*{dtype}" for name in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr")}
+    common = dict(HAS_BS=False, HAS_BT=False, HAS_SCAP=False, HAS_TCAP=False, UPCAST=False, PRECISION="tf32")
+    variants = []
+    for label, mode, shared in (("forward shared-W (reverse_kl)", fwd.REVERSE_KL, True),
+                                ("forward separate-W (reverse_kl)", fwd.REVERSE_KL, False),
+                                ("forward shared-W (jsd 1st sweep)", fwd.JSD_FIRST, True),
+                                ("forward shared-W (jsd 2nd sweep)", fwd.JSD_SECOND, True)):
+        constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=False,
+                          BT=f_cfg["BT"], BV=f_cfg["BV"], BK=f_cfg["BK"])
+        variants.append(dict(label=label, fn=fwd.divergence_stats_kernel, constexprs=constexprs, pointers=inputs,
+                             num_warps=f_cfg["num_warps"], num_stages=f_cfg["num_stages"], splits=f_cfg["splits"]))
+    for label, shared in (("backward shared-W (reverse_kl)", True), ("backward separate-W (reverse_kl)", False)):
+        constexprs = dict(common, MODE=fwd.REVERSE_KL, SHARED_W=shared, NEED_RAW=False, NEED_DH=True, NEED_DW=True,
+                          NEED_DB=False, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
+        variants.append(dict(label=label, fn=bwd.divergence_backward_kernel, constexprs=constexprs, pointers=inputs,
+                             num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"], splits=None))
+    return variants
+
+
+def _parse_resources(text: str) -> dict:
+    found = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        match = re.search(rf"\b{key}:(\d+)", text)
+        found[key] = int(match.group(1)) if match else 0
+    return found
+
+
+def compile_variant(variant: dict, workdir: str) -> dict:
+    """Compile one variant for sm_90 and return its resource facts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = variant["fn"]
+    source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, variant["pointers"], variant["constexprs"]),
+                                       constexprs=variant["constexprs"])
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=variant["num_warps"], num_stages=variant["num_stages"]))
+    cubin_path = os.path.join(workdir, re.sub(r"\W+", "_", variant["label"]) + ".cubin")
+    with open(cubin_path, "wb") as handle:
+        handle.write(compiled.asm["cubin"])
+    tool = _cuobjdump()
+    usage = subprocess.run([tool, "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool, "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+    resources = _parse_resources(usage)
+    c = variant["constexprs"]
+    return dict(kernel=variant["label"], function=fn.__name__, registers=resources["REG"],
+                stack_bytes=resources["STACK"], local_bytes=resources["LOCAL"],
+                spill_bytes=resources["STACK"] + resources["LOCAL"],
+                shared_bytes=max(resources["SHARED"], compiled.metadata.shared),
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), atomics=len(re.findall(r"\bRED\b|\bATOM\b", sass)),
+                config=f"BT={c['BT']} BV={c['BV']} BK={c['BK']} warps={variant['num_warps']} "
+                       f"stages={variant['num_stages']}" + (f" splits={variant['splits']}" if variant["splits"] else ""))
+
+
+def sm90_facts(dtype: str = "bf16", shape: dict | None = None) -> list[dict]:
+    """Resource facts of every kernel, compiled for sm_90 at the launchers' configurations."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("sm90_report compiles real kernels: run it without TRITON_INTERPRET=1")
+    with tempfile.TemporaryDirectory() as workdir:
+        return [compile_variant(variant, workdir) for variant in kernel_variants(dtype, shape)]
+
+
+def format_table(facts: list[dict]) -> str:
+    head = f"{'kernel':34s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'hgmma':>6s}  config"
+    lines = [head, "-" * len(head)]
+    for f in facts:
+        lines.append(f"{f['kernel']:34s} {f['registers']:5d} {f['spill_bytes']:6d} {f['shared_bytes']:7d} "
+                     f"{f['hgmma']:6d}  {f['config']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"sm_90, bf16, N={QWEN3_8B['n']} D={QWEN3_8B['d']} V={QWEN3_8B['v']}")
+    print(format_table(sm90_facts()))
