@@ -1,0 +1,224 @@
+"""The contenders of the fused-loss benchmark, and the child process that times one of them.
+
+Every implementation computes the same thing: the mean over tokens of KL(student || teacher)
+from hidden states with a shared lm_head (the self-distillation case), forward and backward,
+producing d(student_hidden) and d(lm_head_weight). The parent (`benchmarks/harness.py`) runs
+each one in its own process so that peak memory is that implementation's alone:
+
+    python -m benchmarks.fused_impls --impl crisp:torch --tokens 1024 --hidden 256 --vocab 151936
+
+prints one JSON line: median time, peak memory over the inputs, the loss and gradient norms
+(so the parent can check that every implementation computes the same numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+NAIVE, FLOOR = "naive", "floor:4-gemm"
+LIGER_CHUNKED, LIGER_TRITON, TRL = "liger:chunked", "liger:triton", "trl:chunked"
+# rows of the floor's GEMMs per chunk: the floor must not itself need N x V memory
+FLOOR_CHUNK_ROWS = 2048
+
+
+def implementation_names(device: str) -> list[str]:
+    """Every contender that can run on `device`, with a reason for each one left out."""
+    import crisp_fast
+
+    names, skipped = [FLOOR, NAIVE], {}
+    for backend, state in crisp_fast.available_backends().items():
+        if state != "ok":
+            skipped[f"crisp:{backend}"] = state
+        elif backend == "triton" and device == "cpu":
+            skipped["crisp:triton"] = ("CPU runs Triton through its interpreter, thousands of times slower "
+                                       "than compiled code: not a meaningful timing")
+        else:
+            names.append(f"crisp:{backend}")
+    names += [LIGER_CHUNKED, TRL]
+    if device == "cuda":
+        names.append(LIGER_TRITON)
+    else:
+        skipped[LIGER_TRITON] = "Liger's Triton kernels need a GPU"
+    return names, skipped
+
+
+def make_inputs(tokens: int, hidden: int, vocab: int, *, device: str, dtype: torch.dtype, seed: int):
+    """Student/teacher hidden states and one lm_head; logits come out with unit-ish spread and a
+    teacher close to the student, as after a few steps of self-distillation."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    weight = (torch.randn(vocab, hidden, generator=generator) / hidden ** 0.5).to(device, dtype)
+    student = torch.randn(tokens, hidden, generator=generator)
+    teacher = student + 0.5 * torch.randn(tokens, hidden, generator=generator)
+    student, teacher = student.to(device, dtype), teacher.to(device, dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    return student.requires_grad_(), teacher, weight.requires_grad_(), labels
+
+
+def naive_loss(student, teacher, weight, labels):
+    """Full logits, log_softmax, KL, autograd: what the fused kernels avoid."""
+    student_logp = torch.log_softmax((student @ weight.T).float(), dim=-1)
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax((teacher @ weight.T).float(), dim=-1)
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean()
+
+
+def make_loss_fn(name: str, device: str):
+    """A callable (student, teacher, weight, labels) -> scalar loss for contender `name`."""
+    if name == NAIVE:
+        return naive_loss
+    if name.startswith("crisp:"):
+        import crisp_fast
+
+        backend = name.split(":", 1)[1]
+        return lambda s, t, w, _labels: crisp_fast.fused_linear_reverse_kl(s, t, w, backend=backend)
+    if name == LIGER_CHUNKED:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # beta = 1 is KL(student || teacher); no hard (CE) term; torch.compile is not usable on CPU here
+        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
+                                         compiled=device != "cpu")
+        return lambda s, t, w, labels: module(s, w, t, w, labels)
+    if name == LIGER_TRITON:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        module = LigerFusedLinearJSD(jsd_beta=1.0)
+        return lambda s, t, w, labels: module(s, w, t, w, labels)
+    if name == TRL:
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        # (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, beta)
+        return lambda s, t, w, _labels: ChunkedDivergenceFunction.apply(s, w, None, t, w, None, 1.0)[0].mean()
+    raise ValueError(f"unknown implementation {name!r}")
+
+
+def floor_step(student, teacher, weight, _labels):
+    """The four GEMMs no implementation can avoid: student and teacher logits, dh = g W and
+    dW = g^T h (2 N D V FLOPs each), by row chunks so the floor itself stays small in memory."""
+    tokens = student.shape[0]
+    rows = min(tokens, FLOOR_CHUNK_ROWS)
+    with torch.no_grad():
+        w, h_s, h_t = weight.detach(), student.detach(), teacher.detach()
+        logits = torch.empty(rows, w.shape[0], device=w.device, dtype=w.dtype)
+        grad_hidden = torch.empty_like(h_s)
+        grad_weight = torch.zeros_like(w)
+        for start in range(0, tokens, rows):
+            stop = min(start + rows, tokens)
+            chunk = logits[: stop - start]
+            torch.matmul(h_s[start:stop], w.T, out=chunk)
+            torch.matmul(h_t[start:stop], w.T, out=chunk)
+            torch.matmul(chunk, w, out=grad_hidden[start:stop])  # `chunk` stands in for g
+            grad_weight.addmm_(chunk.T, h_s[start:stop])
+    student.grad, weight.grad = grad_hidden, grad_weight
+    return None
+
+
+def _sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory over a baseline: CUDA's allocator counter, or the process's RSS high-water
+    mark on CPU (reset through /proc/self/clear_refs, so it counts from the baseline on)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.baseline = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # 5 = reset the peak RSS (VmHWM) to the current RSS
+            self.baseline = _rss_bytes("VmRSS")
+
+    def peak_over_baseline(self) -> int:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() - self.baseline
+        return _rss_bytes("VmHWM") - self.baseline
+
+
+def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed):
+    """Time `reps` forward+backward passes of `name` after `warmup` ones; return the facts."""
+    step = floor_step if name == FLOOR else make_loss_fn(name, device)
+    # on CPU warm up on at most 512 rows: it loads code and thread pools, and a warm-up at full
+    # size would double the cost of the largest shapes; on CUDA warm up at full size, so that
+    # compiled (autotuned, torch.compile'd) code is specialised to the timed shape
+    warm_tokens = tokens if device == "cuda" else min(tokens, 512)
+    student, teacher, weight, labels = make_inputs(warm_tokens, hidden, vocab, device=device, dtype=dtype, seed=seed)
+    for _ in range(warmup):
+        _run_step(step, student, teacher, weight, labels)
+    del student, teacher, weight, labels
+    gc.collect()
+
+    student, teacher, weight, labels = make_inputs(tokens, hidden, vocab, device=device, dtype=dtype, seed=seed)
+    gc.collect()
+    memory = PeakMemory(device)
+    times, loss = [], None
+    for _ in range(reps):
+        student.grad = weight.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        loss = _run_step(step, student, teacher, weight, labels)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"impl": name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "times_s": times,
+              "time_s": statistics.median(times), "peak_bytes": memory.peak_over_baseline(),
+              "threads": torch.get_num_threads()}
+    if name != FLOOR:
+        result.update(loss=float(loss), grad_hidden_norm=float(student.grad.double().norm()),
+                      grad_weight_norm=float(weight.grad.double().norm()))
+    return result
+
+
+def _run_step(step, student, teacher, weight, labels):
+    loss = step(student, teacher, weight, labels)
+    if loss is not None:
+        loss.backward()
+        return loss.detach()
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", required=True)
+    parser.add_argument("--tokens", type=int, required=True)
+    parser.add_argument("--hidden", type=int, required=True)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        result = run_one(args.impl, args.tokens, args.hidden, args.vocab, device=args.device,
+                         dtype=getattr(torch, args.dtype), warmup=args.warmup, reps=args.reps, seed=args.seed)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        result = {"impl": args.impl, "status": "OOM", "error": str(error).splitlines()[0]}
+    except RuntimeError as error:
+        text = str(error)
+        oom = "can't allocate memory" in text or "out of memory" in text.lower()
+        result = {"impl": args.impl, "status": "OOM" if oom else "error", "error": text.splitlines()[0][:500]}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
