@@ -110,7 +110,8 @@ def backward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: bo
     if interpret is None:
         interpret = interpreting()
     if interpret:
-        return dict(BT=max(16, min(64, triton.next_power_of_2(n))), BV=max(16, min(512, triton.next_power_of_2(v))),
+        block_t = max(16, min(64, triton.next_power_of_2(n)))
+        return dict(BT=block_t, BV=max(16, min(max(512, 65536 // block_t), triton.next_power_of_2(v))),
                     BK=max(16, min(256, triton.next_power_of_2(d))), num_warps=4, num_stages=1)
     return dict(BT=64, BV=128, BK=32, num_warps=8, num_stages=3)
 

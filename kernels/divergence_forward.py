@@ -243,7 +243,9 @@ def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: boo
     if interpret is None:
         interpret = interpreting()
     if interpret:
-        config = dict(BT=_pow2_at_most(n, 64), BV=_pow2_at_most(v, 512), BK=_pow2_at_most(d, 256),
+        block_t = _pow2_at_most(n, 64)
+        # ~64K-element tiles: few, large numpy operations
+        config = dict(BT=block_t, BV=_pow2_at_most(v, max(512, 65536 // block_t)), BK=_pow2_at_most(d, 256),
                       num_warps=4, num_stages=1)
     else:
         config = dict(BT=64, BV=128, BK=32, num_warps=8, num_stages=3)
