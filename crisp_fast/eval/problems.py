@@ -16,6 +16,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 # field names tried in order when the caller does not name one
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt", "input")
@@ -214,18 +215,22 @@ def champ_answers(raw: str) -> list[str]:
     return answers or [raw]
 
 
-def load_champ(version: str = "v0") -> list[Problem]:
-    """The 270 CHAMP competition problems (subset = category), from the installed package."""
+@lru_cache(maxsize=2)
+def _champ_items(version: str) -> tuple[tuple[str, str, str, str], ...]:
+    # the package parses its whole JSON (solutions, conversations) on every load: seconds; do it once
     try:
         import champ_dataset
     except ImportError as error:
         raise DataError("the CHAMP set needs the champ-dataset package: pip install champ-dataset") from error
     dataset = champ_dataset.load(version)
-    problems = []
-    for identifier, item in dataset.problems.items():
-        problems.append(Problem(problem_id=identifier, problem=item.text, answers=champ_answers(item.answer),
-                                subset=item.category, extra={"raw_answer": item.answer}))
-    return problems
+    return tuple((identifier, item.text, item.answer, item.category) for identifier, item in dataset.problems.items())
+
+
+def load_champ(version: str = "v0") -> list[Problem]:
+    """The 270 CHAMP competition problems (subset = category), from the installed package."""
+    return [Problem(problem_id=identifier, problem=text, answers=champ_answers(answer), subset=category,
+                    extra={"raw_answer": answer})
+            for identifier, text, answer, category in _champ_items(version)]
 
 
 def _load_hub(name: str, split: str | None, fields: FieldNames) -> list[Problem]:
