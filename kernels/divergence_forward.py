@@ -233,12 +233,15 @@ def _pow2_at_most(value: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, triton.next_power_of_2(max(int(value), 1))))
 
 
-def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: bool | None = None) -> dict:
+def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool = False,
+                   interpret: bool | None = None) -> dict:
     """Tile shape, warps and vocabulary splits of the statistics kernel.
 
     GPU: BT 64 x BV 128 x BK 32 at 8 warps: the largest tile whose two fp32 logits tiles plus the
     online-softmax temporaries compile for sm_90 with HGMMA and no spills (see sm90_report); BT < 64
-    would lose wgmma. Interpreter: large blocks, because its cost is per tile-operation, not per element.
+    would lose wgmma, BK 64 spills. `heavy` (a bias, a softcap or the raw lse in play) takes BV 64:
+    with every option on, the JSD second sweep spills 8 bytes at BV 128 and none at BV 64.
+    Interpreter: large blocks, because its cost is per tile-operation, not per element.
     """
     if interpret is None:
         interpret = interpreting()
@@ -248,7 +251,7 @@ def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: boo
         config = dict(BT=block_t, BV=_pow2_at_most(v, max(512, 65536 // block_t)), BK=_pow2_at_most(d, 256),
                       num_warps=4, num_stages=1)
     else:
-        config = dict(BT=64, BV=128, BK=32, num_warps=8, num_stages=3)
+        config = dict(BT=64, BV=64 if heavy else 128, BK=32, num_warps=8, num_stages=3)
     token_blocks = triton.cdiv(n, config["BT"])
     vocab_tiles = triton.cdiv(v, config["BV"])
     target = 2 * H100_SMS if not interpret else 1
@@ -261,6 +264,11 @@ def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, interpret: boo
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to tf32 on the GPU
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def heavy_options(student_bias, teacher_bias, student_softcap, teacher_softcap, need_raw_lse) -> bool:
+    """Options that add live tile temporaries (and registers) to both kernels."""
+    return any(x is not None for x in (student_bias, teacher_bias, student_softcap, teacher_softcap)) or bool(need_raw_lse)
 
 
 def kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap):
@@ -311,7 +319,8 @@ def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=No
     v = weight.shape[0]
     d_t = teacher_hidden.shape[1]
     mode = MODES[divergence]
-    cfg = dict(config or forward_config(n, max(d, d_t), v, weight.dtype))
+    heavy = heavy_options(student_bias, teacher_bias, student_softcap, teacher_softcap, need_raw_lse)
+    cfg = dict(config or forward_config(n, max(d, d_t), v, weight.dtype, heavy=heavy))
     splits, tiles_per_split = cfg.pop("splits"), cfg.pop("tiles_per_split")
     flags = kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap)
     scalars = scalar_args(temperature, student_scale, teacher_scale, student_softcap, teacher_softcap, beta)

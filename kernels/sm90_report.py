@@ -58,24 +58,31 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None) -> list[dict
     fwd, bwd = _kernels()
     shape = shape or QWEN3_8B
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, interpret=False)
-    b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, interpret=False)
     inputs = {name: f"*{dtype}" for name in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr")}
-    common = dict(HAS_BS=False, HAS_BT=False, HAS_SCAP=False, HAS_TCAP=False, UPCAST=False, PRECISION="tf32")
     variants = []
-    for label, mode, shared in (("forward shared-W (reverse_kl)", fwd.REVERSE_KL, True),
-                                ("forward separate-W (reverse_kl)", fwd.REVERSE_KL, False),
-                                ("forward shared-W (jsd 1st sweep)", fwd.JSD_FIRST, True),
-                                ("forward shared-W (jsd 2nd sweep)", fwd.JSD_SECOND, True)):
-        constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=False,
-                          BT=f_cfg["BT"], BV=f_cfg["BV"], BK=f_cfg["BK"])
-        variants.append(dict(label=label, fn=fwd.divergence_stats_kernel, constexprs=constexprs, pointers=inputs,
-                             num_warps=f_cfg["num_warps"], num_stages=f_cfg["num_stages"], splits=f_cfg["splits"]))
-    for label, shared in (("backward shared-W (reverse_kl)", True), ("backward separate-W (reverse_kl)", False)):
-        constexprs = dict(common, MODE=fwd.REVERSE_KL, SHARED_W=shared, NEED_RAW=False, NEED_DH=True, NEED_DW=True,
-                          NEED_DB=False, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
-        variants.append(dict(label=label, fn=bwd.divergence_backward_kernel, constexprs=constexprs, pointers=inputs,
-                             num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"], splits=None))
+    for heavy in (False, True):  # plain, then bias + softcaps + raw lse (+ bias grad) on both sides
+        f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=heavy, interpret=False)
+        b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=heavy, interpret=False)
+        common = dict(HAS_BS=heavy, HAS_BT=heavy, HAS_SCAP=heavy, HAS_TCAP=heavy, UPCAST=False, PRECISION="tf32")
+        tag = " +all options" if heavy else ""
+        for label, mode, shared in (("forward shared-W rkl", fwd.REVERSE_KL, True),
+                                    ("forward separate-W rkl", fwd.REVERSE_KL, False),
+                                    ("forward shared-W fkl", fwd.FORWARD_KL, True),
+                                    ("forward shared-W jsd sweep 1", fwd.JSD_FIRST, True),
+                                    ("forward shared-W jsd sweep 2", fwd.JSD_SECOND, True)):
+            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=heavy and mode != fwd.JSD_SECOND,
+                              BT=f_cfg["BT"], BV=f_cfg["BV"], BK=f_cfg["BK"])
+            variants.append(dict(label=label + tag, fn=fwd.divergence_stats_kernel, constexprs=constexprs,
+                                 pointers=inputs, num_warps=f_cfg["num_warps"], num_stages=f_cfg["num_stages"],
+                                 splits=f_cfg["splits"]))
+        for label, mode, shared in (("backward shared-W rkl", fwd.REVERSE_KL, True),
+                                    ("backward separate-W rkl", fwd.REVERSE_KL, False),
+                                    ("backward shared-W jsd", fwd.JSD_FIRST, True)):
+            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=heavy, NEED_DH=True, NEED_DW=True,
+                              NEED_DB=heavy, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
+            variants.append(dict(label=label + tag, fn=bwd.divergence_backward_kernel, constexprs=constexprs,
+                                 pointers=inputs, num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"],
+                                 splits=None))
     return variants
 
 
@@ -123,10 +130,10 @@ def sm90_facts(dtype: str = "bf16", shape: dict | None = None) -> list[dict]:
 
 
 def format_table(facts: list[dict]) -> str:
-    head = f"{'kernel':34s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'hgmma':>6s}  config"
+    head = f"{'kernel':42s} {'regs':>5s} {'spill':>6s} {'smem':>7s} {'hgmma':>6s}  config"
     lines = [head, "-" * len(head)]
     for f in facts:
-        lines.append(f"{f['kernel']:34s} {f['registers']:5d} {f['spill_bytes']:6d} {f['shared_bytes']:7d} "
+        lines.append(f"{f['kernel']:42s} {f['registers']:5d} {f['spill_bytes']:6d} {f['shared_bytes']:7d} "
                      f"{f['hgmma']:6d}  {f['config']}")
     return "\n".join(lines)
 
