@@ -1,0 +1,258 @@
+"""Typed training configuration: dataclasses read from YAML, `section.key=value` overrides,
+validated up front with errors that name the offending key.
+
+    config = load_config("configs/tiny.yaml", ["train.steps=3", "rollout.max_new_tokens=32"])
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key (and file) at fault."""
+
+
+@dataclass
+class ModelConfig:
+    # a local path, a hub name, or "build" (a fresh model from `build`, e.g. for tests and the tiny run)
+    source: str = "build"
+    build: dict = field(default_factory=dict)  # config kwargs; `architecture` picks the class (qwen3, llama)
+    tokenizer: str = "tiny-char"  # a path / hub name, "tiny-char" (built in), or "" (same as source)
+    dtype: str = "float32"  # master weights: float32 (bf16 compute on GPU comes from mixed precision)
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
+    attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager | ...
+    activation_checkpointing: str = "auto"  # auto (on when rollouts are long: max_new_tokens >= 1024) | on | off
+    liger: str = "auto"  # auto (liger-kernel model patches on CUDA when installed) | on | off
+    seed: int = 0  # weight init seed for source="build"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    field: str = "problem"
+    format: str = "auto"  # auto (from the suffix) | jsonl | parquet
+    max_prompt_tokens: int = 2048  # prompts (student or teacher) longer than this are skipped and counted
+    shuffle: bool = True
+
+
+@dataclass
+class PromptConfig:
+    preset: str = "v1"  # v1 (concise) | v2 (difficulty-aware): the teacher's instruction wording
+    placement: str = "header"  # header (replace the student header) | system (system message) | suffix
+    student_header: str = ""  # "" = the preset's ordinary header
+    answer_format: str = ""  # "" = the preset's answer-format line
+    teacher_instruction: str = ""  # "" = the preset's conciseness instruction
+    enable_thinking: bool | None = None  # passed to chat templates that understand it (Qwen3)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | vllm
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 8192
+    max_batch_tokens: int = 262_144  # hf: batch * (prompt + new tokens) per generate call
+    vllm_gpu_memory_utilization: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    prompts_per_step: int = 32  # global, across ranks; must divide by the world size
+    micro_batch_tokens: int = 16_384  # padded tokens per forward (the longer of student/teacher rows)
+    lr: float = 1e-6
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    teacher_refresh_every: int = 50  # M: 0 frozen initial teacher, 1 live student, M>1 refresh every M steps
+    teacher_snapshot_device: str = "cpu"  # where the snapshot's local shards live: cpu | device
+    teacher_snapshot_dtype: str = "same"  # same (as the master weights) | bfloat16 | float32
+    normalization: str = "token"  # token: mean over all response tokens of the global batch | sequence
+    loss_backend: str = "auto"  # crisp_fast.fused_linear_reverse_kl backend
+    padding_side: str = "right"
+    seed: int = 0
+    max_response_tokens: int = 0  # 0 = no cap; else responses are cut to this many tokens for the loss
+    log_teacher_entropy: bool = True  # one extra no-grad pass over the teacher head per micro-batch
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between sharded checkpoints (0 = only at the end)
+    resume: str = "auto"  # auto (latest complete checkpoint in OUT/checkpoints) | never | a checkpoint path
+    keep: int = 2
+    export_hf: bool = True  # save_pretrained-compatible safetensors in OUT/hf at the end
+
+
+@dataclass
+class LogConfig:
+    tensorboard: str = "auto"  # auto (if installed) | on | off
+    wandb: bool = False
+    wandb_project: str = "crisp-fast"
+    progress: bool = True
+    print_every: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    out: str = "runs/crisp"
+
+
+def _coerce(where: str, value: Any, annotation) -> Any:
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    if value is None and "None" in text:
+        return None
+    if text == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if text == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) or 1.0e9 (no sign) as text
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if text == "bool" or text.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if text == "str":
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if text == "dict":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if text == "tuple":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    return value
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{where}{k}') for k in unknown)}; "
+                          f"known keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _from_dict(annotation, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{where}{name}", value, annotation)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, base: dict | None = None) -> Config:
+    """Read YAML (or start from `base`), apply overrides, build the dataclasses and validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        keys, value = parse_override(override)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        config = _from_dict(Config, data, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Impossible values fail here, before any model is loaded."""
+    m, d, p, r, t, c = config.model, config.data, config.prompts, config.rollout, config.train, config.checkpoint
+    _require(bool(m.source), "model.source must be a path, a hub name or 'build'")
+    _require(m.source != "build" or bool(m.build), "model.source='build' needs model.build (the model config)")
+    _require(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _require(m.mixed_precision in ("auto", "bf16", "off"), f"model.mixed_precision must be auto, bf16 or off, got {m.mixed_precision!r}")
+    for key in ("activation_checkpointing", "liger"):
+        value = getattr(m, key)
+        _require(value in ("auto", "on", "off"), f"model.{key} must be auto, on or off, got {value!r}")
+    _require(bool(d.path), "data.path is required (a JSONL or parquet file of problems)")
+    _require(d.format in ("auto", "jsonl", "parquet"), f"data.format must be auto, jsonl or parquet, got {d.format!r}")
+    _require(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1, got {d.max_prompt_tokens}")
+    _require(p.preset in ("v1", "v2"), f"prompts.preset must be v1 or v2, got {p.preset!r}")
+    _require(p.placement in ("header", "system", "suffix"), f"prompts.placement must be header, system or suffix, got {p.placement!r}")
+    _require(r.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, got {r.engine!r}")
+    _require(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
+    _require(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    _require(r.top_k >= 0, f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
+    _require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
+    _require(r.max_batch_tokens >= 1, f"rollout.max_batch_tokens must be >= 1, got {r.max_batch_tokens}")
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _require(t.prompts_per_step >= 1, f"train.prompts_per_step must be >= 1, got {t.prompts_per_step}")
+    _require(t.micro_batch_tokens >= 2, f"train.micro_batch_tokens must be >= 2, got {t.micro_batch_tokens}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), f"train.betas must be two numbers in [0, 1), got {t.betas}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+    _require(t.teacher_refresh_every >= 0, f"train.teacher_refresh_every must be >= 0 (0 = frozen), got {t.teacher_refresh_every}")
+    _require(t.teacher_snapshot_device in ("cpu", "device"), f"train.teacher_snapshot_device must be cpu or device, got {t.teacher_snapshot_device!r}")
+    _require(t.teacher_snapshot_dtype in ("same", "bfloat16", "float32"), f"train.teacher_snapshot_dtype must be same, bfloat16 or float32, got {t.teacher_snapshot_dtype!r}")
+    _require(t.normalization in ("token", "sequence"), f"train.normalization must be token or sequence, got {t.normalization!r}")
+    _require(t.padding_side in ("left", "right"), f"train.padding_side must be left or right, got {t.padding_side!r}")
+    _require(t.max_response_tokens >= 0, f"train.max_response_tokens must be >= 0, got {t.max_response_tokens}")
+    _require(c.every >= 0, f"checkpoint.every must be >= 0, got {c.every}")
+    _require(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    _require(config.log.tensorboard in ("auto", "on", "off"), f"log.tensorboard must be auto, on or off, got {config.log.tensorboard!r}")
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)

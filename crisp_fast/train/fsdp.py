@@ -1,0 +1,105 @@
+"""Process group, FSDP2 wrapping and activation checkpointing.
+
+One process: no process group, no wrapping (the same code path otherwise). Under torchrun:
+`fully_shard` on every decoder layer, then on the `CrispModel` root (embeddings, final norm and
+lm_head form the root group, gathered for the span of each `CrispModel.forward`). bf16 compute
+with fp32 gradient reduction on CUDA by default.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return rank, world, device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_reduce_max(value: int, device) -> int:
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def decoder_layers(lm) -> list[torch.nn.Module]:
+    layers = getattr(lm.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(lm).__name__}: cannot find the decoder layers (expected .get_decoder().layers)")
+    return list(layers)
+
+
+def enable_activation_checkpointing(lm) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so it composes with FSDP2)."""
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False
+
+
+def wrap(crisp_model, device: torch.device, mixed_precision: str) -> torch.nn.Module:
+    """Move to `device` and, when distributed, shard with FSDP2 (layers, then the root)."""
+    crisp_model.to(device)
+    if not is_distributed():
+        return crisp_model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
+        else MixedPrecisionPolicy()
+    for layer in decoder_layers(crisp_model.lm):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(crisp_model, mp_policy=policy)
+    return crisp_model
+
+
+def reshard_all(model) -> None:
+    """Free every gathered parameter, so the next forward re-reads the (possibly swapped) shards."""
+    if not is_distributed():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def root_gathered(model):
+    """Gather the root group (embeddings, norm, lm_head) for code that calls the inner HF model
+    directly, e.g. `generate`; decoder layers gather themselves through their own hooks."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        reshard_all(model)

@@ -1,0 +1,254 @@
+"""The CRISP training loop: rollouts from the student, the same response tokens scored in two
+contexts by one model, fused reverse KL from hidden states, AdamW.
+
+    from crisp_fast.train import load_config, train
+    result = train(load_config("configs/tiny.yaml"))      # or: crisp-fast train --config ...
+
+One step (`Trainer.train_step`):
+  1. take `prompts_per_step` problems (each rank its share); student and teacher prompt ids
+  2. sample responses from the student; keep the exact sampled ids
+  3. per micro-batch: teacher pass (snapshot swapped in, no grad) -> teacher hidden states;
+     student pass (grad) -> fused reverse KL on the hidden states with the lm_head weight
+  4. backward, clip the gradient norm, skip the step if it is not finite, AdamW
+  5. refresh the teacher snapshot every `teacher_refresh_every` steps
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from crisp_fast.generation import Generation, SamplingConfig, make_engine
+from crisp_fast.train import checkpoint as ckpt
+from crisp_fast.train.batching import plan_micro_batches, side_inputs
+from crisp_fast.train.config import Config, to_dict
+from crisp_fast.train.data import PromptPair, ProblemStream, encode_problems, read_problems
+from crisp_fast.train.fsdp import (
+    all_reduce_max, all_reduce_sum, enable_activation_checkpointing, reshard_all, root_gathered,
+    setup_distributed, wrap,
+)
+from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_peak_memory
+from crisp_fast.train.modeling import CrispModel, load_model, load_tokenizer
+from crisp_fast.train.prompts import build_prompts, check_instruction_fits, prompt_texts
+from crisp_fast.train.teacher import TeacherSnapshot
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]          # the per-step metrics (rank 0's view, global values)
+    model: torch.nn.Module       # the trained HF model (sharded DTensors under FSDP)
+    tokenizer: object
+    out_dir: Path
+    teacher_refreshes: list[int] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, config: Config, out_dir: str | Path | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir or config.out)
+        self.rank, self.world, self.device = setup_distributed()
+        cfg_m, cfg_t = config.model, config.train
+        if cfg_t.prompts_per_step % self.world:
+            raise ValueError(f"train.prompts_per_step={cfg_t.prompts_per_step} must divide by the world size {self.world}")
+
+        # prompts first: a bad instruction length fails before the model is loaded
+        self.tokenizer = load_tokenizer(cfg_m)
+        self.texts = prompt_texts(config.prompts)
+        check_instruction_fits(self.tokenizer, self.texts, config.data.max_prompt_tokens, config.prompts.enable_thinking)
+        problems = read_problems(config.data.path, config.data.field, config.data.format)
+        pairs, self.skipped_prompts = encode_problems(
+            problems, lambda p: build_prompts(self.tokenizer, p, self.texts, config.prompts.enable_thinking),
+            config.data.max_prompt_tokens)
+        self.stream = ProblemStream(pairs, seed=cfg_t.seed, shuffle=config.data.shuffle)
+
+        lm = load_model(cfg_m, self.tokenizer, self.device)
+        checkpointing = cfg_m.activation_checkpointing
+        if checkpointing == "on" or (checkpointing == "auto" and config.rollout.max_new_tokens >= 1024):
+            enable_activation_checkpointing(lm)
+        self.model = wrap(CrispModel(lm), self.device, cfg_m.mixed_precision)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg_t.lr, betas=tuple(cfg_t.betas),
+                                           weight_decay=cfg_t.weight_decay)
+        self.teacher = TeacherSnapshot(self.model, cfg_t.teacher_refresh_every,
+                                       device=cfg_t.teacher_snapshot_device, dtype=cfg_t.teacher_snapshot_dtype)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.engine = None
+        self.step = 0
+
+    # ---------------------------------------------------------------------------------- rollouts
+    def _rollout_engine(self):
+        if self.engine is None:
+            r = self.config.rollout
+            if r.engine == "vllm":
+                self.engine = make_engine("vllm", self.model.lm, self.tokenizer, model_path=self.config.model.source,
+                                          gpu_memory_utilization=r.vllm_gpu_memory_utilization)
+                self.engine.push_weights(self.model.lm)
+            else:
+                self.engine = make_engine("hf", self.model.lm, self.tokenizer, max_batch_tokens=r.max_batch_tokens)
+        return self.engine
+
+    def rollout(self, pairs: list[PromptPair]) -> list[Generation]:
+        r = self.config.rollout
+        # the seed depends only on (seed, step, rank): a resumed run samples what the first run did
+        seed = (self.config.train.seed * 1_000_003 + self.step) * 4099 + self.rank
+        sampling = SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_new_tokens, seed=seed)
+        with root_gathered(self.model):
+            return self._rollout_engine().generate([p.student_ids for p in pairs], sampling)
+
+    # ------------------------------------------------------------------------------ optimisation
+    def train_on_rollouts(self, pairs: list[PromptPair], generations: list[Generation]) -> dict:
+        """Steps 3-5 on given rollouts (benchmarks call this with synthetic long responses)."""
+        t = self.config.train
+        cap = t.max_response_tokens or None
+        rows = [(pairs[g.prompt_index], g.token_ids[:cap]) for g in generations if g.token_ids]
+        local_tokens = sum(len(response) for _, response in rows)
+        global_tokens, global_rows = all_reduce_sum([local_tokens, len(rows)], self.device)
+        if global_tokens == 0:
+            raise RuntimeError("every rollout in this step is empty; nothing to train on")
+
+        # loss = sum over the global batch of w_i * KL_i, with
+        #   token:    w_i = 1 / (response tokens in the global batch)  -> the mean KL per response token
+        #   sequence: w_i = 1 / (len(response) * responses in the global batch) -> mean of per-response means
+        # Every rank adds its part; FSDP averages gradients over ranks, so each rank backpropagates
+        # world * its part and the reduced gradient is that of the global loss.
+        def weights(response):
+            if t.normalization == "token":
+                return [1.0 / global_tokens] * len(response)
+            return [1.0 / (len(response) * global_rows)] * len(response)
+
+        lengths = [max(len(p.student_ids), len(p.teacher_ids)) + len(r) - 1 for p, r in rows]
+        micro_batches = plan_micro_batches(lengths, t.micro_batch_tokens) if rows else []
+        # FSDP's collectives need the same number of forward/backward passes on every rank
+        n_micro = all_reduce_max(len(micro_batches), self.device)
+        sums = {"loss": 0.0, "kl": 0.0, "student_entropy": 0.0, "teacher_entropy": 0.0}
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        for index in range(n_micro):
+            members = micro_batches[index] if index < len(micro_batches) else [0]
+            dummy = index >= len(micro_batches)  # a rank with fewer micro-batches replays one at weight 0
+            batch = [rows[i] for i in members] if rows else [(pairs[0], pairs[0].student_ids[-1:])]
+            responses = [response for _, response in batch]
+            student = side_inputs([p.student_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+            teacher = side_inputs([p.teacher_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+            token_weights = torch.tensor([w for r in responses for w in weights(r)], device=self.device)
+            if dummy:
+                token_weights.zero_()
+
+            # teacher pass, just in time: snapshot weights in, hidden states out, student weights back
+            reshard_all(self.model)
+            with torch.no_grad(), self.teacher.swapped_in():
+                teacher_hidden, teacher_head = self.model(*teacher.as_args())
+            reshard_all(self.model)
+            if self.teacher.live:
+                teacher_head = None  # M = 1: the teacher's head is the student's, no copy needed
+
+            loss, stats, teacher_entropy = self.model(
+                *student.as_args(), teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                token_weights=token_weights, backend=t.loss_backend, teacher_entropy=t.log_teacher_entropy)
+            (loss * self.world).backward()
+            del teacher_hidden, teacher_head
+            with torch.no_grad():
+                token_weights_mean = torch.full_like(token_weights, 0.0 if dummy else 1.0 / global_tokens)
+                sums["loss"] += float(loss)
+                sums["kl"] += float((stats.divergence * token_weights_mean).sum())
+                sums["student_entropy"] += float((stats.student_entropy * token_weights_mean).sum())
+                if teacher_entropy is not None:
+                    sums["teacher_entropy"] += float((teacher_entropy * token_weights_mean).sum())
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        refreshed = self.teacher.maybe_refresh(self.step)
+        if self.engine is not None and hasattr(self.engine, "push_weights") and not skipped:
+            self.engine.push_weights(self.model.lm)
+
+        totals = dict(zip(sums, all_reduce_sum(list(sums.values()), self.device)))
+        return {"loss": totals["loss"], "kl": totals["kl"], "student_entropy": totals["student_entropy"],
+                "teacher_entropy": totals["teacher_entropy"] if t.log_teacher_entropy else None,
+                "grad_norm": grad_norm, "skipped": skipped, "teacher_refreshed": refreshed,
+                "response_tokens": int(global_tokens), "responses": int(global_rows),
+                "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro}
+
+    def train_step(self) -> dict:
+        """One full CRISP step; returns its metrics (global over ranks)."""
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        share = self.config.train.prompts_per_step // self.world
+        batch = self.stream.take(self.config.train.prompts_per_step)[self.rank * share:(self.rank + 1) * share]
+        generations = self.rollout(batch)
+        stopped = all_reduce_sum([sum(g.finish_reason == "stop" for g in generations), len(generations)], self.device)
+        rollout_seconds = time.perf_counter() - start
+        metrics = {"step": self.step + 1}
+        metrics.update(self.train_on_rollouts(batch, generations))
+        seconds = time.perf_counter() - start
+        metrics.update({
+            "stop_fraction": stopped[0] / max(stopped[1], 1),
+            "rollout_seconds": rollout_seconds, "train_seconds": seconds - rollout_seconds, "step_seconds": seconds,
+            "tokens_per_second": metrics["response_tokens"] / seconds,
+            "train_tokens_per_second": metrics["response_tokens"] / max(seconds - rollout_seconds, 1e-9),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "teacher_snapshot_bytes": self.teacher.bytes(), "lr": self.config.train.lr,
+        })
+        return metrics
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        return ckpt.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.teacher,
+                         self.stream.position, self.config.checkpoint.keep)
+
+    def maybe_resume(self) -> Path | None:
+        resume = self.config.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = ckpt.complete_checkpoints(self.out_dir / "checkpoints")
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(resume)
+        extra = ckpt.load(path, self.model, self.optimizer, self.teacher)
+        self.step, self.stream.position = extra["step"], extra["data_position"]
+        return path
+
+    def export(self, path: str | Path | None = None) -> Path:
+        return ckpt.export_hf(Path(path or self.out_dir / "hf"), self.model, self.tokenizer)
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> TrainResult:
+        c = self.config
+        resumed = self.maybe_resume()
+        logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, total_steps=c.train.steps, start_step=self.step,
+                               tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
+                               progress=c.log.progress, config=to_dict(c))
+        if self.rank == 0 and (resumed or self.skipped_prompts):
+            print(f"crisp: resumed from {resumed} at step {self.step}" if resumed else "", end="\n" if resumed else "")
+            if self.skipped_prompts:
+                print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
+        try:
+            while self.step < c.train.steps:
+                metrics = self.train_step()
+                if metrics["skipped"] and self.rank == 0:
+                    print(f"crisp: step {metrics['step']}: gradient norm {metrics['grad_norm']} is not finite; step skipped")
+                logger.log(metrics)
+                if c.checkpoint.every and self.step % c.checkpoint.every == 0 and self.step < c.train.steps:
+                    self.save_checkpoint()
+            if c.checkpoint.every:
+                self.save_checkpoint()
+            if c.checkpoint.export_hf:
+                self.export()
+        finally:
+            logger.close()
+        return TrainResult(logger.history, self.model.lm, self.tokenizer, self.out_dir, list(self.teacher.refreshes))
+
+
+def train(config: Config, out_dir: str | Path | None = None) -> TrainResult:
+    """Run CRISP training as configured; returns the metrics history and the trained model."""
+    return Trainer(config, out_dir).run()

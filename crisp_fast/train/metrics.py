@@ -1,0 +1,95 @@
+"""Step metrics: DIR/metrics.jsonl (one JSON object per step), TensorBoard when installed,
+W&B when asked, a progress bar, and peak memory."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated since the last reset, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf
+    return value
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(self, out_dir: Path | None, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: str = "auto", wandb: bool = False, wandb_project: str = "crisp-fast",
+                 progress: bool = True, config: dict | None = None):
+        self.enabled = enabled and out_dir is not None
+        self.history: list[dict] = []
+        self.writer = self.wandb = self.bar = None
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        if start_step == 0 and self.path.exists():
+            self.path.unlink()
+        elif self.path.exists():  # resumed: drop lines past the checkpoint, they will be redone
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if tensorboard != "off":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                if tensorboard == "on":
+                    raise
+        if wandb:
+            import wandb as wandb_module
+
+            self.wandb = wandb_module.init(project=wandb_project, config=config, dir=str(out_dir))
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="crisp", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def log(self, metrics: dict) -> None:
+        self.history.append(metrics)
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+        step = metrics["step"]
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.writer is not None:
+            for key, value in numbers.items():
+                self.writer.add_scalar(f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", len=f"{metrics['mean_response_tokens']:.0f}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
