@@ -1,0 +1,130 @@
+"""The native C++ CPU backend (`csrc/`, built into `crisp_fast._native`): the backend protocol of
+`crisp_fast.backends`, for CPU tensors in float32, bfloat16 or float16.
+
+GEMMs go through the platform BLAS (ATen's `mm` on chunks); the whole epilogue (both online
+log-sum-exps, the divergence, the entropy, the gradient tile) runs fused over each logits block in
+OpenMP-parallel, vectorised C++. `forward_backward` computes statistics and gradients in one sweep
+with exactly 4 GEMMs (no logits recomputed); `forward`/`backward` (reduction="none") stream over
+vocabulary blocks. See csrc/fused_divergence.cpp for the tiling and the memory budget.
+
+The extension is compiled by `pip install --no-build-isolation -e .` (or
+`python setup.py build_ext --inplace`). When it is missing, `is_available()` says so and why; with
+`CRISP_FAST_NATIVE_JIT=1` set, a source checkout compiles `csrc/` on first use instead
+(torch.utils.cpp_extension.load, cached under torch's extension directory).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+
+_module = None
+_why_not = None
+
+
+def _jit_build():
+    """Compile csrc/ with torch's JIT extension loader (source checkouts only; opt-in)."""
+    from torch.utils.cpp_extension import load
+
+    sources = sorted(os.path.join(_CSRC, name) for name in os.listdir(_CSRC) if name.endswith(".cpp"))
+    if not sources:
+        raise ImportError(f"no C++ sources in {_CSRC}")
+    return load(name="crisp_fast_native_jit", sources=sources, extra_include_paths=[_CSRC],
+                extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-march=native"],
+                extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _load():
+    global _module, _why_not
+    if _module is not None or _why_not is not None:
+        return _module
+    try:
+        _module = importlib.import_module("crisp_fast._native")
+    except ImportError as error:
+        _why_not = (f"the C++ extension crisp_fast._native is not built ({error}); build it with "
+                    "`pip install --no-build-isolation -e .` (needs torch and a C++ compiler at build time), "
+                    "or set CRISP_FAST_NATIVE_JIT=1 to compile csrc/ on first use")
+        if os.environ.get("CRISP_FAST_NATIVE_JIT") == "1" and os.path.isdir(_CSRC):
+            try:
+                _module, _why_not = _jit_build(), None
+            except Exception as jit_error:  # noqa: BLE001 - any compiler failure is the reason
+                _why_not = f"{_why_not}; the JIT build failed too: {jit_error}"
+    return _module
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when the compiled extension loads, else (False, the reason)."""
+    return (True, "") if _load() is not None else (False, _why_not)
+
+
+def plan(n: int, vocab: int, d: int, d_t: int | None = None, *, dtype=torch.float32, full_rows: bool = True) -> dict:
+    """How the backend tiles a problem: chunk_rows, vocab_block, full_rows, workspace_bytes (the
+    C++ scratch beyond the outputs). full_rows=True is forward_backward's plan."""
+    return _native().plan(n, vocab, d, d if d_t is None else d_t, dtype != torch.float32, full_rows)
+
+
+def _native():
+    module = _load()
+    if module is None:
+        raise RuntimeError(f"backend='native' is not available here: {_why_not}")
+    return module
+
+
+def _check(student_hidden, teacher_hidden, weight, teacher_weight):
+    for name, tensor in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
+                         ("weight", weight), ("teacher_weight", teacher_weight)):
+        if tensor is None:
+            continue
+        if tensor.device.type != "cpu":
+            raise ValueError(f"backend='native' runs on CPU tensors; {name} is on {tensor.device}")
+        if tensor.dtype not in _DTYPES:
+            raise TypeError(f"backend='native' takes float32, bfloat16 or float16; {name} is {tensor.dtype}")
+
+
+def _options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
+             need_raw_lse):
+    return (divergence, float(beta), float(temperature), float(student_scale), float(teacher_scale),
+            None if student_softcap is None else float(student_softcap),
+            None if teacher_softcap is None else float(teacher_softcap), bool(need_raw_lse))
+
+
+def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
+            divergence="reverse_kl", beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0,
+            student_softcap=None, teacher_softcap=None, need_raw_lse=False):
+    """fp32 stats [N, NUM_STATS] (columns in crisp_fast.backends)."""
+    _check(student_hidden, teacher_hidden, weight, teacher_weight)
+    return _native().forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
+                             *_options(divergence, beta, temperature, student_scale, teacher_scale,
+                                       student_softcap, teacher_softcap, need_raw_lse))
+
+
+def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats, grad_loss,
+             grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl", beta=1.0,
+             temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None, teacher_softcap=None,
+             need_raw_lse=False):
+    """(grad_hidden fp32 [N, D] | None, grad_weight fp32 [V, D] | None, grad_bias fp32 [V] | None),
+    recomputing the logits block by block from the saved statistics."""
+    _check(student_hidden, teacher_hidden, weight, teacher_weight)
+    return _native().backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
+                              stats, grad_loss, grad_raw_lse, bool(need_grad_hidden), bool(need_grad_weight),
+                              bool(need_grad_bias and student_bias is not None),
+                              *_options(divergence, beta, temperature, student_scale, teacher_scale,
+                                        student_softcap, teacher_softcap, need_raw_lse))
+
+
+def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss,
+                     grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl",
+                     beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None,
+                     teacher_softcap=None, need_raw_lse=False):
+    """(stats, (grad_hidden, grad_weight, grad_bias)) from one sweep: 4 GEMMs, no logits recomputed."""
+    _check(student_hidden, teacher_hidden, weight, teacher_weight)
+    stats, grads = _native().forward_backward(
+        student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss, grad_raw_lse,
+        bool(need_grad_hidden), bool(need_grad_weight), bool(need_grad_bias and student_bias is not None),
+        *_options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
+                  need_raw_lse))
+    return stats, tuple(grads)

@@ -1,0 +1,59 @@
+// The native CPU backend of crisp-fast's fused linear divergence: public C++ interface.
+//
+// Same contract as crisp_fast/backends/__init__.py (the Python protocol docstring is the spec):
+// rows already compacted and contiguous, biases fp32 or undefined, `teacher_weight` undefined
+// when the teacher shares `weight`, statistics fp32 [N, 6], gradients fp32.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace crisp_native {
+
+enum Divergence : int64_t { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
+enum StatColumn : int64_t { kLoss = 0, kStudentLse, kTeacherLse, kStudentEntropy, kGradShift, kStudentRawLse, kNumStats };
+
+struct Options {
+  Divergence divergence = kReverseKL;
+  double beta = 1.0;
+  double temperature = 1.0;
+  double student_scale = 1.0, teacher_scale = 1.0;
+  double student_softcap = 0.0, teacher_softcap = 0.0;  // 0 = no softcap
+  bool need_raw_lse = false;
+};
+
+struct Grads {
+  at::Tensor hidden, weight, bias;  // fp32, undefined when not asked for
+};
+
+// How a call is tiled, and the bytes of scratch memory it holds beyond its outputs.
+struct Plan {
+  int64_t chunk_rows = 0;     // tokens per chunk
+  int64_t vocab_block = 0;    // vocabulary columns per GEMM / epilogue block
+  bool full_rows = false;     // the chunk keeps both logits rows for the whole vocabulary
+  int64_t workspace_bytes = 0;
+};
+
+// full_rows: forward_backward (and forward of jsd), whose gradients need exact row statistics
+// before the first gradient tile; otherwise a streaming pass over vocabulary blocks.
+Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows);
+
+at::Tensor forward(const at::Tensor& student_hidden, const at::Tensor& teacher_hidden,
+                   const at::Tensor& weight, const at::Tensor& teacher_weight,
+                   const at::Tensor& student_bias, const at::Tensor& teacher_bias, const Options& options);
+
+Grads backward(const at::Tensor& student_hidden, const at::Tensor& teacher_hidden,
+               const at::Tensor& weight, const at::Tensor& teacher_weight,
+               const at::Tensor& student_bias, const at::Tensor& teacher_bias,
+               const at::Tensor& stats, const at::Tensor& grad_loss, const at::Tensor& grad_raw_lse,
+               bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, const Options& options);
+
+std::tuple<at::Tensor, Grads> forward_backward(
+    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& weight,
+    const at::Tensor& teacher_weight, const at::Tensor& student_bias, const at::Tensor& teacher_bias,
+    const at::Tensor& grad_loss, const at::Tensor& grad_raw_lse,
+    bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, const Options& options);
+
+}  // namespace crisp_native
