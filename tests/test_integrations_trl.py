@@ -308,7 +308,7 @@ def _train_and_log(beta, patched, workdir):
     prompts = [[{"role": "user", "content": f"{i} plus {i + 3} is"}] for i in range(8)]
     config = trl.DistillationConfig(
         output_dir=workdir, use_cpu=True, bf16=False, max_steps=3, per_device_train_batch_size=2,
-        gradient_accumulation_steps=2, logging_steps=1, report_to="none", max_completion_length=6, beta=beta,
+        gradient_accumulation_steps=1, logging_steps=1, report_to="none", max_completion_length=6, beta=beta,
         temperature=0.9, learning_rate=1e-2, gradient_checkpointing=False, save_strategy="no", seed=5)
     # student 32 wide, teacher 48 wide: the two heads have different hidden sizes
     trainer = trl.DistillationTrainer(model=_tiny_qwen3(len(tokenizer), 32, 0),

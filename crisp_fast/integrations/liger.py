@@ -15,7 +15,8 @@ values as liger-kernel 0.8.5:
 
 with x = h W^T + b for each side (beta = 0 forward KL, 1 reverse KL; M = beta Q + (1 - beta) P).
 A teacher vocabulary larger than the student's is handled as Liger does: the student's logits are
-padded with zeros (here by zero rows of the weight).
+padded with zeros for the soft loss (here by zero rows of the weight; the hard loss then takes a
+second sweep, over the student's own vocabulary).
 
 How: one call of `crisp_fast.fused_linear_divergence` with the soft weights as `token_weights`
 and the hard loss's log-sum-exp as `_raw_lse_coeff`, so both terms come from one sweep over the
@@ -85,17 +86,21 @@ class FusedLinearJSDLoss(torch.nn.Module):
         computes_hard = self.weight_hard_loss != 0 or self.return_soft_hard_loss
         labels, counted = self._labels_and_mask(true_labels, n_tokens, student_weight.shape[0], computes_hard,
                                                 student_input.device)
-        student_weight, student_bias = self._pad_student_vocab(student_weight, student_bias, teacher_weight)
+        padded_weight, padded_bias = self._pad_student_vocab(student_weight, student_bias, teacher_weight)
+        padded = padded_weight is not student_weight
 
         n_counted = counted.sum().clamp_min(1).float()
         soft_coeff = (self.weight_soft_loss / n_counted).expand(n_tokens)
         hard_coeff = (self.weight_hard_loss / n_counted).expand(n_tokens) if computes_hard else None
         # one sweep: sum_i soft_coeff D_i + sum_i hard_coeff lse_i (the hard loss's log-sum-exp part)
         total, stats = fused_linear_divergence(
-            student_input, teacher_input, student_weight, teacher_weight,
-            student_bias=student_bias, teacher_bias=teacher_bias, mask=counted, token_weights=soft_coeff,
+            student_input, teacher_input, padded_weight, teacher_weight,
+            student_bias=padded_bias, teacher_bias=teacher_bias, mask=counted, token_weights=soft_coeff,
             temperature=self.temperature, reduction="sum", divergence="jsd", beta=self.beta,
-            backend=self.backend, return_stats=True, _raw_lse_coeff=hard_coeff)
+            backend=self.backend, return_stats=True, _raw_lse_coeff=None if padded else hard_coeff)
+        if computes_hard and padded:
+            # the cross-entropy's log-sum-exp runs over the student's own vocabulary, not the padding
+            total = total + self._lse_sum(student_input, student_weight, student_bias, counted, hard_coeff)
         if not computes_hard:
             loss = total
             hard_loss = total.new_zeros(())
@@ -108,9 +113,17 @@ class FusedLinearJSDLoss(torch.nn.Module):
             soft_loss = stats.divergence.sum() / n_counted
             if computes_hard:
                 hard_loss = self._hard_loss_value(total, soft_loss, label_logit_sum, n_counted, student_input,
-                                                  teacher_input, student_weight, teacher_weight, student_bias,
-                                                  teacher_bias, counted)
+                                                  student_weight, student_bias, counted)
         return loss, soft_loss, hard_loss
+
+    def _lse_sum(self, student_input, student_weight, student_bias, counted, coeff):
+        """sum_i coeff_i logsumexp(untempered student logits_i) over counted rows, with its gradient: a
+        divergence of weight 0 against the student itself carries the `_raw_lse_coeff` term."""
+        return fused_linear_divergence(
+            student_input, student_input.detach(), student_weight, None, student_bias=student_bias,
+            teacher_bias=None if student_bias is None else student_bias.detach(), mask=counted,
+            token_weights=torch.zeros(counted.numel(), device=student_input.device), temperature=self.temperature,
+            reduction="sum", backend=self.backend, _raw_lse_coeff=coeff)
 
     # ----------------------------------------------------------------------------------------
     def _labels_and_mask(self, true_labels, n_tokens, vocab, computes_hard, device):
@@ -160,20 +173,17 @@ class FusedLinearJSDLoss(torch.nn.Module):
             logit = logit + student_bias.index_select(0, label_ids).float()
         return logit.sum()
 
-    def _hard_loss_value(self, total, soft_loss, label_logit_sum, n_counted, student_input, teacher_input,
-                         student_weight, teacher_weight, student_bias, teacher_bias, counted):
+    def _hard_loss_value(self, total, soft_loss, label_logit_sum, n_counted, student_input, student_weight,
+                         student_bias, counted):
         """The unweighted hard loss for logging. When its weight is large enough, it is what the
         combined sum holds besides the soft part; otherwise (weight 0 or tiny, where dividing by it
         would amplify rounding) one extra no-grad sweep computes the log-sum-exp sum directly."""
         if abs(self.weight_hard_loss) >= 1e-2 * max(abs(self.weight_soft_loss), 1e-30):
             lse_sum = (total.detach() - self.weight_soft_loss * soft_loss) * n_counted / self.weight_hard_loss
         else:
-            lse_sum = fused_linear_divergence(
-                student_input.detach(), teacher_input, student_weight.detach(), teacher_weight,
-                student_bias=None if student_bias is None else student_bias.detach(), teacher_bias=teacher_bias,
-                mask=counted, token_weights=torch.zeros(counted.numel(), device=student_input.device),
-                temperature=self.temperature, reduction="sum", divergence="jsd", beta=self.beta,
-                backend=self.backend, _raw_lse_coeff=torch.ones(counted.numel(), device=student_input.device))
+            lse_sum = self._lse_sum(student_input.detach(), student_weight.detach(),
+                                    None if student_bias is None else student_bias.detach(), counted,
+                                    torch.ones(counted.numel(), device=student_input.device))
         return (lse_sum - label_logit_sum.detach()) / n_counted
 
     def extra_repr(self) -> str:
