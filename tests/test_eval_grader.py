@@ -167,3 +167,23 @@ def test_slow_sympy_is_bounded_in_main_thread():
     start = time.monotonic()
     assert not is_equivalent("2^{2^{2^{2^{2^{2}}}}}", "1", timeout_s=1)
     assert time.monotonic() - start < 30
+
+
+def test_prose_or_plain_text_reference_does_not_match_a_fragment():
+    """math-verify alone reads "2^(n-1)" as 2 and "x=6, y=5" as 5; only whole parses count here."""
+    assert not grade_response("Answer: 2", "2^(n-1)").correct
+    assert grade_response("Answer: 2^{n-1}", "2^(n-1)").correct
+    assert not grade_response("Answer: 5", "x=6, y=5").correct
+    assert grade_response("\\boxed{x=6, y=5}", "x=6, y=5").correct
+
+
+def test_champ_references_grade_themselves_and_reject_a_wrong_number(seed):
+    """A random handful of CHAMP problems: each reference, written as either answer form, is
+    correct against its own problem; an unrelated number is not."""
+    from crisp_fast.eval.problems import load_champ
+
+    problems = random.Random(seed).sample(load_champ(), 12)
+    for problem in problems:
+        assert grade_response(f"Answer: {problem.answers[0]}", problem.answers).correct, problem.answers
+        assert grade_response(f"\\boxed{{{problem.answers[-1]}}}", problem.answers).correct, problem.answers
+        assert not grade_response("Answer: 987654321", problem.answers).correct, problem.answers

@@ -130,4 +130,6 @@ def test_champ_answer_alternatives():
     # prose that is not math gets no made-up alternative
     assert champ_answers("The sequence is not periodic") == ["The sequence is not periodic"]
     assert champ_answers("239") == ["239"]
+    assert champ_answers("sum_(i=1)^n i^2, or equivalently n(n+1)(2n+1)/6") == [
+        "\\sum_{i=1}^{n} i^2", "n(n+1)(2n+1)/6"]
     assert len(load_champ()) == 270

@@ -162,10 +162,14 @@ def _parse_reference(reference: str, timeout_s: int | None):
         extraction_config=[math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()],
         parsing_timeout=timeout_s,
     )
-    # plain-text references ("2^floor(n/2)", "sqrt(3)/3") parse better as expressions
+    # plain-text references ("sqrt(3)/3") may parse better as expressions, but only a parse of the
+    # whole text counts: math-verify reads "2^(n-1)" as 2 and "x=6, y=5" as 5, which "2" or "5" match
     plain = math_verify.parse(reference, extraction_config=[math_verify.ExprExtractionConfig()],
                               parsing_timeout=timeout_s)
-    return latex + plain
+    whole = re.sub(r"\s+", "", reference)
+    if len(plain) == 2 and isinstance(plain[1], str) and re.sub(r"\s+", "", plain[1]) == whole:
+        return latex + plain
+    return latex
 
 
 def _equivalent_here(answer: str, references: tuple[str, ...], timeout_s: int | None) -> bool:

@@ -207,6 +207,8 @@ def champ_answers(raw: str) -> list[str]:
             part = part[: explanation.start()].strip()
         if not part:
             continue
+        # CHAMP's plain-text sums, "sum_(i=1)^n i^2", read as LaTeX sums (math-verify reads i=1 as 1)
+        part = re.sub(r"\bsum_\((\w+=\w+)\)\^(\w+)", r"\\sum_{\1}^{\2}", part)
         answers.append(part)
         for pattern in _CHAMP_SENTENCES:
             sentence = re.match(pattern, part)
