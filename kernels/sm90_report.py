@@ -53,24 +53,26 @@ def _signature(fn, pointer_types: dict, constexprs: dict) -> dict:
     return signature
 
 
-def kernel_variants(dtype: str = "bf16", shape: dict | None = None) -> list[dict]:
-    """Every kernel the launchers use for `shape`, with the launcher-chosen tiles and warps."""
+def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(False, True)) -> list[dict]:
+    """Every kernel the launchers use for `shape`, with the launcher-chosen tiles and warps; `heavy`
+    selects the plain variants (False), the bias + softcap + raw-lse ones (True) or both."""
     fwd, bwd = _kernels()
     shape = shape or QWEN3_8B
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     inputs = {name: f"*{dtype}" for name in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr")}
     variants = []
-    for heavy in (False, True):  # plain, then bias + softcaps + raw lse (+ bias grad) on both sides
-        f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=heavy, interpret=False)
-        b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=heavy, interpret=False)
-        common = dict(HAS_BS=heavy, HAS_BT=heavy, HAS_SCAP=heavy, HAS_TCAP=heavy, UPCAST=False, PRECISION="tf32")
-        tag = " +all options" if heavy else ""
+    for with_options in heavy:  # plain, then bias + softcaps + raw lse (+ bias grad) on both sides
+        f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options, interpret=False)
+        b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options, interpret=False)
+        common = dict(HAS_BS=with_options, HAS_BT=with_options, HAS_SCAP=with_options, HAS_TCAP=with_options,
+                      UPCAST=False, PRECISION="tf32")
+        tag = " +all options" if with_options else ""
         for label, mode, shared in (("forward shared-W rkl", fwd.REVERSE_KL, True),
                                     ("forward separate-W rkl", fwd.REVERSE_KL, False),
                                     ("forward shared-W fkl", fwd.FORWARD_KL, True),
                                     ("forward shared-W jsd sweep 1", fwd.JSD_FIRST, True),
                                     ("forward shared-W jsd sweep 2", fwd.JSD_SECOND, True)):
-            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=heavy and mode != fwd.JSD_SECOND,
+            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=with_options and mode != fwd.JSD_SECOND,
                               BT=f_cfg["BT"], BV=f_cfg["BV"], BK=f_cfg["BK"])
             variants.append(dict(label=label + tag, fn=fwd.divergence_stats_kernel, constexprs=constexprs,
                                  pointers=inputs, num_warps=f_cfg["num_warps"], num_stages=f_cfg["num_stages"],
@@ -78,8 +80,8 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None) -> list[dict
         for label, mode, shared in (("backward shared-W rkl", fwd.REVERSE_KL, True),
                                     ("backward separate-W rkl", fwd.REVERSE_KL, False),
                                     ("backward shared-W jsd", fwd.JSD_FIRST, True)):
-            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=heavy, NEED_DH=True, NEED_DW=True,
-                              NEED_DB=heavy, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
+            constexprs = dict(common, MODE=mode, SHARED_W=shared, NEED_RAW=with_options, NEED_DH=True, NEED_DW=True,
+                              NEED_DB=with_options, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
             variants.append(dict(label=label + tag, fn=bwd.divergence_backward_kernel, constexprs=constexprs,
                                  pointers=inputs, num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"],
                                  splits=None))
@@ -116,17 +118,17 @@ def compile_variant(variant: dict, workdir: str) -> dict:
                 stack_bytes=resources["STACK"], local_bytes=resources["LOCAL"],
                 spill_bytes=resources["STACK"] + resources["LOCAL"],
                 shared_bytes=max(resources["SHARED"], compiled.metadata.shared),
-                hgmma=len(re.findall(r"\bHGMMA\b", sass)), atomics=len(re.findall(r"\bRED\b|\bATOM\b", sass)),
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)), atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
                 config=f"BT={c['BT']} BV={c['BV']} BK={c['BK']} warps={variant['num_warps']} "
                        f"stages={variant['num_stages']}" + (f" splits={variant['splits']}" if variant["splits"] else ""))
 
 
-def sm90_facts(dtype: str = "bf16", shape: dict | None = None) -> list[dict]:
+def sm90_facts(dtype: str = "bf16", shape: dict | None = None, *, heavy=(False, True)) -> list[dict]:
     """Resource facts of every kernel, compiled for sm_90 at the launchers' configurations."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("sm90_report compiles real kernels: run it without TRITON_INTERPRET=1")
     with tempfile.TemporaryDirectory() as workdir:
-        return [compile_variant(variant, workdir) for variant in kernel_variants(dtype, shape)]
+        return [compile_variant(variant, workdir) for variant in kernel_variants(dtype, shape, heavy=heavy)]
 
 
 def format_table(facts: list[dict]) -> str:
@@ -139,5 +141,18 @@ def format_table(facts: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    print(f"sm_90, bf16, N={QWEN3_8B['n']} D={QWEN3_8B['d']} V={QWEN3_8B['v']}")
-    print(format_table(sm90_facts()))
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--variants", choices=("plain", "options", "all"), default="all")
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of a table")
+    args = parser.parse_args()
+    which = {"plain": (False,), "options": (True,), "all": (False, True)}[args.variants]
+    facts = sm90_facts(args.dtype, heavy=which)
+    if args.json:
+        print(json.dumps(facts))
+    else:
+        print(f"sm_90, {args.dtype}, N={QWEN3_8B['n']} D={QWEN3_8B['d']} V={QWEN3_8B['v']}")
+        print(format_table(facts))
