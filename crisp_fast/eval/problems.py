@@ -244,7 +244,8 @@ def _load_hub(name: str, split: str | None, fields: FieldNames) -> list[Problem]
         dataset = datasets.load_dataset(name, split=split or "test")
     except Exception as error:  # offline, unknown name, unknown split: all one message to the user
         raise DataError(f"{name}: not a local file, and the hub dataset could not be loaded "
-                        f"(split {split or 'test'!r}): {type(error).__name__}: {error}") from error
+                        f"(split {split or 'test'!r}): {type(error).__name__}: {error}. Offline? Save it as "
+                        f"JSONL/parquet and pass the file; --data champ always works offline") from error
     return [problem_from_row(dict(row), index, f"{name}[{split or 'test'}]: row {index + 1}", fields)
             for index, row in enumerate(dataset)]
 
