@@ -24,6 +24,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-tokens", default=None, help="comma-separated token counts N to sweep")
     group.addoption("--bench-hidden", default=None, help="comma-separated hidden sizes D to sweep")
     group.addoption("--bench-vocab", type=int, default=151936, help="vocabulary size V (default Qwen3's 151,936)")
+    group.addoption("--bench-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="input dtype (default: float32 on CPU, bfloat16 on CUDA)")
     group.addoption("--bench-reps", type=int, default=None, help="timed repetitions per point (median reported)")
     group.addoption("--bench-impls", default=None,
                     help="comma-separated substrings: only implementations whose name contains one of them")
@@ -38,6 +40,7 @@ class BenchConfig:
     tokens: list[int]
     hidden: list[int]
     vocab: int
+    dtype: str
     reps: int
     warmup: int
     impl_filter: list[str] | None
@@ -68,7 +71,8 @@ def bench_config(request) -> BenchConfig:
         quick=quick, device=device,
         tokens=_ints(option("--bench-tokens")) if option("--bench-tokens") else tokens,
         hidden=_ints(option("--bench-hidden")) if option("--bench-hidden") else hidden,
-        vocab=option("--bench-vocab"), reps=option("--bench-reps") or reps, warmup=1,
+        vocab=option("--bench-vocab"),
+        dtype=option("--bench-dtype") or ("bfloat16" if device == "cuda" else "float32"), reps=option("--bench-reps") or reps, warmup=1,
         impl_filter=option("--bench-impls").split(",") if option("--bench-impls") else None,
         mem_cap_gib=option("--bench-mem-cap-gib"),
         child_timeout_s=600.0 if quick else 4 * 3600.0,

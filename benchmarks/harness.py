@@ -134,7 +134,9 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
             line.append("-" if value is None else (fmt.format(value) if fmt else str(value)))
         cells.append(line)
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    text = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(line, widths)))
+    numeric = [bool(fmt) for _, _, fmt in columns]  # numbers right-aligned, words left-aligned
+    text = ["  ".join(cell.rjust(width) if numeric[i] else cell.ljust(width)
+                      for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
             for line in cells]
     text.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(text)
