@@ -187,3 +187,23 @@ def test_champ_references_grade_themselves_and_reject_a_wrong_number(seed):
         assert grade_response(f"Answer: {problem.answers[0]}", problem.answers).correct, problem.answers
         assert grade_response(f"\\boxed{{{problem.answers[-1]}}}", problem.answers).correct, problem.answers
         assert not grade_response("Answer: 987654321", problem.answers).correct, problem.answers
+
+
+def test_degenerate_long_responses_grade_quickly(seed):
+    """Looping outputs (100k+ characters of unclosed boxes, dollar signs, answer lines) must not
+    make extraction quadratic: each grades in well under a few seconds."""
+    import time
+
+    rng = random.Random(seed)
+    value = rng.randint(1, 999)
+    responses = [
+        "\\boxed{" * 40_000 + "x",
+        "\\boxed " * 40_000 + str(value),
+        "Answer: " + "$" * 200_000,
+        ("Answer: wait\n" * 20_000) + f"\\boxed{{{value}}}",
+    ]
+    for response in responses:
+        start = time.monotonic()
+        result = grade_response(response, str(value))
+        assert time.monotonic() - start < 5, response[:20]
+        assert result.correct is (response.endswith(f"{{{value}}}") or response.endswith(f" {value}"))

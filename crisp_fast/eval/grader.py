@@ -31,6 +31,8 @@ MAX_ANSWER_CHARS = 2000
 DEFAULT_TIMEOUT_S = 5
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_PATTERN = re.compile("|".join(re.escape(command) for command in _BOX_COMMANDS) + r"(?![A-Za-z])")
+_BOX_TOKEN = re.compile(r"[^\s$.,;{}]+")
 # "Answer: x", "**Answer:** x", "Final answer: x", "- ANSWER: x" (markdown decorations allowed)
 _ANSWER_LINE = re.compile(
     r"^[\s>#*_\-]*(?:final\s+)?answer\s*(?:\*\*|__)?\s*[:：]\s*(?:\*\*|__)?\s*(?P<content>.*?)\s*$",
@@ -57,24 +59,25 @@ class GradeResult:
 
 # ---------------------------------------------------------------------------------- extraction
 
-def _balanced_group(text: str, open_index: int) -> int | None:
-    """Index just past the `}` closing the `{` at `open_index`, or None when the text ends first.
+def _matching_braces(text: str) -> dict[int, int]:
+    """{index of each `{`: index of its closing `}`} for every group that closes, in one pass
+    (a degenerate looping response of 100k characters full of unclosed boxes stays linear).
     `\\{` and `\\}` are literal braces in LaTeX and do not open or close a group."""
-    depth = 0
-    index = open_index
-    while index < len(text):
+    matches: dict[int, int] = {}
+    open_stack: list[int] = []
+    index = 0
+    length = len(text)
+    while index < length:
         char = text[index]
         if char == "\\":
             index += 2  # skip the escaped character, whatever it is
             continue
         if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return index + 1
+            open_stack.append(index)
+        elif char == "}" and open_stack:
+            matches[open_stack.pop()] = index
         index += 1
-    return None
+    return matches
 
 
 def extract_boxed_answers(text: str | None) -> list[str]:
@@ -82,19 +85,21 @@ def extract_boxed_answers(text: str | None) -> list[str]:
     if not text:
         return []
     answers = []
-    pattern = re.compile("|".join(re.escape(command) for command in _BOX_COMMANDS) + r"(?![A-Za-z])")
-    for match in pattern.finditer(text):
+    matches = None
+    for match in _BOX_PATTERN.finditer(text):
         rest = match.end()
         while rest < len(text) and text[rest] in " \t":
             rest += 1
         if rest < len(text) and text[rest] == "{":
-            end = _balanced_group(text, rest)
-            if end is None:
+            if matches is None:
+                matches = _matching_braces(text)
+            close = matches.get(rest)
+            if close is None:
                 continue  # truncated mid-box: the model never finished this answer
-            answers.append(text[rest + 1 : end - 1].strip())
+            answers.append(text[rest + 1 : close].strip())
         elif rest > match.end():
-            # `\boxed 5`: TeX's one-token argument form
-            token = re.match(r"[^\s$.,;]+", text[rest:])
+            # `\\boxed 5`: TeX's one-token argument form
+            token = _BOX_TOKEN.match(text, rest)
             if token:
                 answers.append(token.group(0))
     return answers
@@ -108,6 +113,8 @@ def extract_last_boxed(text: str | None) -> str | None:
 
 def _strip_math_delimiters(answer: str) -> str:
     """`$x$`, `\\(x\\)`, `\\[x\\]`, `**x**`, a trailing full stop -> `x`."""
+    if len(answer) > MAX_ANSWER_CHARS:
+        return answer.strip()  # never equivalent anyway; peeling it layer by layer would be quadratic
     previous = None
     while previous != answer:
         previous = answer
