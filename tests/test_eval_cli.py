@@ -51,6 +51,9 @@ def test_grade_cli_end_to_end(tmp_path, seed, capsys):
             assert key in row
     printed = capsys.readouterr().out
     assert f"accuracy {100 * mean(verdicts):.2f}%" in printed
+    # the same in two grading processes at once
+    assert grade_main([str(source), "--out", str(tmp_path / "parallel.jsonl"), "--workers", "2"]) == 0
+    assert read_jsonl(tmp_path / "parallel.jsonl") == graded
     # through the top-level dispatcher, with renamed fields and the default output path
     renamed = [{"gold": row["answer"], "text": row["response"]} for row in rows]
     write_jsonl(tmp_path / "renamed.jsonl", renamed)

@@ -152,7 +152,7 @@ def test_overrunning_worker_is_killed_and_counts_as_wrong(monkeypatch):
     slow.start()
     slow.join(timeout=60)
     assert verdicts == [False]
-    assert grader._worker is None
+    assert slow.ident not in grader._workers  # killed and forgotten
     monkeypatch.undo()
     worker = threading.Thread(target=lambda: verdicts.append(is_equivalent("0.5", "1/2")))
     worker.start()
@@ -207,3 +207,16 @@ def test_degenerate_long_responses_grade_quickly(seed):
         result = grade_response(response, str(value))
         assert time.monotonic() - start < 5, response[:20]
         assert result.correct is (response.endswith(f"{{{value}}}") or response.endswith(f" {value}"))
+
+
+def test_grade_many_in_parallel_workers_matches_sequential(seed):
+    rng = random.Random(seed)
+    items = []
+    for _ in range(10):
+        value = rng.randint(-20, 20)
+        items.append((rng.choice([f"\\boxed{{{value}}}", f"Answer: {value + 1}", f"\\boxed{{\\frac{{{2 * value}}}{{2}}}}",
+                                  ""]), str(value)))
+    sequential = [grade_response(r, a) for r, a in items]
+    parallel = grader.grade_many(items, workers=3)
+    assert parallel == sequential
+    assert not grader._workers  # the pool's worker processes are stopped afterwards

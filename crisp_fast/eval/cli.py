@@ -68,6 +68,7 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM memory share")
     parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse/compare")
+    parser.add_argument("--grade-workers", type=int, default=1, help="grading processes in parallel")
     parser.add_argument("--label", default=None, help="model name in reports (default: the model folder name)")
     parser.add_argument("--out", default=None, help="output folder (default: eval_runs/<label>)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -84,7 +85,8 @@ def eval_main(argv: list[str]) -> int:
         config = EvalConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens, prompt_template=args.prompt_template,
                             chat_template=not args.no_chat_template, seed=args.seed,
-                            problems_per_call=args.problems_per_call, grade_timeout_s=args.grade_timeout)
+                            problems_per_call=args.problems_per_call, grade_timeout_s=args.grade_timeout,
+                            grade_workers=args.grade_workers)
         config.sampling(None)  # validates temperature / top-p / top-k / max-new-tokens before loading
     except ValueError as error:
         return _fail("eval", str(error))
@@ -125,8 +127,9 @@ def grade_main(argv: list[str]) -> int:
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--response-field", default="response")
     parser.add_argument("--grade-timeout", type=int, default=5, help="seconds per math-verify parse/compare")
+    parser.add_argument("--workers", type=int, default=1, help="grading processes in parallel")
     args = parser.parse_args(argv)
-    from crisp_fast.eval.grader import grade_response
+    from crisp_fast.eval.grader import grade_many
     from crisp_fast.eval.problems import read_jsonl
 
     graded = []
@@ -142,11 +145,13 @@ def grade_main(argv: list[str]) -> int:
                 raise DataError(f"{where}: {args.answer_field!r} must be text, a number or a list of them, got {reference!r}")
             if response is not None and not isinstance(response, str):
                 raise DataError(f"{where}: {args.response_field!r} must be text (or null), got {type(response).__name__}")
-            graded.append({**row, **grade_response(response, reference, args.grade_timeout).as_dict()})
+            graded.append((row, response, reference))
     except DataError as error:
         return _fail("grade", str(error))
     if not graded:
         return _fail("grade", f"{args.responses}: holds no responses")
+    results = grade_many([(response, reference) for _, response, reference in graded], args.grade_timeout, args.workers)
+    graded = [{**row, **result.as_dict()} for (row, _, _), result in zip(graded, results)]
     out = args.out or (os.path.splitext(args.responses)[0] + ".graded.jsonl")
     _write_jsonl(out, graded)
     correct = sum(row["correct"] for row in graded)

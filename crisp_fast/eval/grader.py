@@ -15,6 +15,7 @@ when it overruns: a hung sympy call never hangs the caller and never counts as c
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -233,6 +235,11 @@ class _VerifyWorker:
     def kill(self):
         self.process.kill()
         self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
 
 
 def _worker_deadline_s(timeout_s: int, n_references: int) -> float:
@@ -240,24 +247,60 @@ def _worker_deadline_s(timeout_s: int, n_references: int) -> float:
     return timeout_s * (2 * n_references + 1) + 20.0
 
 
-_worker: _VerifyWorker | None = None
-_worker_lock = threading.Lock()
+# one worker process per calling thread (thread ident -> worker), so threads grade in parallel
+_workers: dict[int, _VerifyWorker] = {}
+_workers_lock = threading.Lock()
 
 
 def _bounded_in_worker(answer: str, references: tuple[str, ...], timeout_s: int) -> bool:
-    """From a non-main thread: ask the worker process, wait at most a bound on its time, and
-    kill it if it overruns or dies (the next call starts a fresh one). Overrun = not equivalent."""
-    global _worker
+    """From a non-main thread: ask this thread's worker process, wait at most a bound on its time,
+    and kill it if it overruns or dies (the next call starts a fresh one). Overrun = not equivalent."""
+    ident = threading.get_ident()
     deadline_s = _worker_deadline_s(timeout_s, len(references))
-    with _worker_lock:
-        if _worker is None:
-            _worker = _VerifyWorker()
-        try:
-            return _worker.ask(answer, references, timeout_s, deadline_s)
-        except (queue.Empty, BrokenPipeError, OSError, ValueError):
-            _worker.kill()
-            _worker = None
-            return False
+    with _workers_lock:
+        worker = _workers.get(ident)
+    if worker is None or worker.process.poll() is not None:
+        worker = _VerifyWorker()
+        with _workers_lock:
+            _workers[ident] = worker
+    try:
+        return worker.ask(answer, references, timeout_s, deadline_s)
+    except (queue.Empty, BrokenPipeError, OSError, ValueError):
+        worker.kill()
+        with _workers_lock:
+            _workers.pop(ident, None)
+        return False
+
+
+def close_workers(thread_idents=None) -> None:
+    """Stop the worker processes of the given threads (default: all of them)."""
+    with _workers_lock:
+        idents = list(_workers) if thread_idents is None else [i for i in thread_idents if i in _workers]
+        stopping = [_workers.pop(ident) for ident in idents]
+    for worker in stopping:
+        worker.kill()
+
+
+atexit.register(close_workers)
+
+
+def grade_many(items, timeout_s: int = DEFAULT_TIMEOUT_S, workers: int = 1) -> list[GradeResult]:
+    """grade_response over (response, reference) pairs, in order. With `workers > 1` the checks run
+    in that many worker processes at once (threads here, each with its own bounded worker)."""
+    items = list(items)
+    if workers <= 1 or len(items) < 2:
+        return [grade_response(response, reference, timeout_s) for response, reference in items]
+    pool_threads: set[int] = set()
+
+    def grade_one(item):
+        pool_threads.add(threading.get_ident())
+        return grade_response(item[0], item[1], timeout_s)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crisp-grade") as pool:
+            return list(pool.map(grade_one, items))
+    finally:
+        close_workers(pool_threads)
 
 
 def _serve() -> None:
@@ -333,6 +376,6 @@ if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
     _serve()
 
 __all__ = [
-    "GradeResult", "grade_response", "is_equivalent", "extract_boxed_answers", "extract_last_boxed",
+    "GradeResult", "grade_response", "grade_many", "close_workers", "is_equivalent", "extract_boxed_answers", "extract_last_boxed",
     "extract_answer_line", "MAX_ANSWER_CHARS", "DEFAULT_TIMEOUT_S",
 ]

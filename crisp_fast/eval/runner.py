@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from crisp_fast.eval.grader import DEFAULT_TIMEOUT_S, grade_response
+from crisp_fast.eval.grader import DEFAULT_TIMEOUT_S, GradeResult, grade_many, grade_response
 from crisp_fast.eval.problems import Problem
 
 # The student's ordinary prompt ("solve step by step" + the answer-format line the grader reads).
@@ -32,7 +32,8 @@ PROMPT_TEMPLATES = {
 @dataclass
 class EvalConfig:
     """How to generate. `prompt_template` is a name in PROMPT_TEMPLATES or a text holding
-    `{problem}`; `problems_per_call` problems go to the engine at once (the progress bar's step)."""
+    `{problem}`; `problems_per_call` problems go to the engine at once (the progress bar's step);
+    `grade_workers` > 1 grades in that many processes at once (worth it on many-core machines)."""
 
     samples: int = 8
     temperature: float = 0.6
@@ -44,6 +45,7 @@ class EvalConfig:
     seed: int | None = 0
     problems_per_call: int = 16
     grade_timeout_s: int = DEFAULT_TIMEOUT_S
+    grade_workers: int = 1
 
     def __post_init__(self):
         if not isinstance(self.samples, int) or self.samples < 1:
@@ -87,9 +89,10 @@ def build_prompt_ids(tokenizer, problem_text: str, template: str, chat_template:
 
 
 def sample_row(problem: Problem, sample_index: int, response: str, token_ids: list[int], finish_reason: str,
-               timeout_s: int = DEFAULT_TIMEOUT_S) -> dict:
-    """One graded sample, as written to samples.jsonl."""
-    grade = grade_response(response, problem.answers, timeout_s)
+               grade: GradeResult | None = None, timeout_s: int = DEFAULT_TIMEOUT_S) -> dict:
+    """One graded sample, as written to samples.jsonl (graded here unless `grade` is given)."""
+    if grade is None:
+        grade = grade_response(response, problem.answers, timeout_s)
     return {
         "problem_id": problem.problem_id,
         "sample_index": sample_index,
@@ -122,11 +125,12 @@ def evaluate(model, tokenizer, problems: list[Problem], config: EvalConfig = Eva
             seed = None if config.seed is None else config.seed + start
             generations = engine.generate([prompts[i] for i in chunk], config.sampling(seed))
             generations = sorted(generations, key=lambda g: (g.prompt_index, g.sample_index))
-            for generation in generations:
-                problem = problems[chunk[generation.prompt_index]]
-                response = tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-                rows.append(sample_row(problem, generation.sample_index, response, list(generation.token_ids),
-                                       generation.finish_reason, config.grade_timeout_s))
+            responses = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
+            references = [problems[chunk[g.prompt_index]].answers for g in generations]
+            grades = grade_many(zip(responses, references), config.grade_timeout_s, config.grade_workers)
+            for generation, response, grade in zip(generations, responses, grades):
+                rows.append(sample_row(problems[chunk[generation.prompt_index]], generation.sample_index, response,
+                                       list(generation.token_ids), generation.finish_reason, grade))
             bar.update(len(chunk))
     return rows
 
