@@ -105,14 +105,21 @@ def eval_main(argv: list[str]) -> int:
                                           args.gpu_memory_utilization)
     for name, problems in datasets:
         run_dir = out if len(datasets) == 1 else os.path.join(out, name)
-        rows = evaluate(model, tokenizer, problems, config, engine=engine, progress=not args.quiet)
+        samples_path = os.path.join(run_dir, "samples.jsonl")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(samples_path, "w", encoding="utf-8") as samples_file:
+            def write_rows(new_rows, handle=samples_file):
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in new_rows)
+                handle.flush()
+
+            rows = evaluate(model, tokenizer, problems, config, engine=engine, progress=not args.quiet,
+                            on_rows=write_rows)
         summary = summarize(rows, model=label, model_path=args.model, dataset=name, engine=args.engine,
                             config=config_dict(config), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                             grader="last 'Answer:' line or last \\boxed{}, math-verify")
-        _write_jsonl(os.path.join(run_dir, "samples.jsonl"), rows)
         _write_json(os.path.join(run_dir, "summary.json"), summary)
         print(format_summary(summary))
-        print(f"wrote {os.path.join(run_dir, 'samples.jsonl')} and {os.path.join(run_dir, 'summary.json')}\n")
+        print(f"wrote {samples_path} and {os.path.join(run_dir, 'summary.json')}\n")
     return 0
 
 

@@ -107,9 +107,11 @@ def sample_row(problem: Problem, sample_index: int, response: str, token_ids: li
 
 
 def evaluate(model, tokenizer, problems: list[Problem], config: EvalConfig = EvalConfig(), *,
-             engine=None, progress: bool = True) -> list[dict]:
+             engine=None, progress: bool = True, on_rows=None) -> list[dict]:
     """Generate `config.samples` responses per problem and grade them; one row per sample, in
-    problem order then sample order. `engine` defaults to the shared HF engine around `model`."""
+    problem order then sample order. `engine` defaults to the shared HF engine around `model`.
+    `on_rows(rows)` is called after each engine call with its graded rows (e.g. to write them
+    out as they come: a long run that dies keeps what it finished)."""
     from tqdm.auto import tqdm
 
     if engine is None:
@@ -128,9 +130,12 @@ def evaluate(model, tokenizer, problems: list[Problem], config: EvalConfig = Eva
             responses = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
             references = [problems[chunk[g.prompt_index]].answers for g in generations]
             grades = grade_many(zip(responses, references), config.grade_timeout_s, config.grade_workers)
-            for generation, response, grade in zip(generations, responses, grades):
-                rows.append(sample_row(problems[chunk[generation.prompt_index]], generation.sample_index, response,
-                                       list(generation.token_ids), generation.finish_reason, grade))
+            new_rows = [sample_row(problems[chunk[generation.prompt_index]], generation.sample_index, response,
+                                   list(generation.token_ids), generation.finish_reason, grade)
+                        for generation, response, grade in zip(generations, responses, grades)]
+            rows.extend(new_rows)
+            if on_rows is not None:
+                on_rows(new_rows)
             bar.update(len(chunk))
     return rows
 
