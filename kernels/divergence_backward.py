@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .divergence_forward import (
-    MODES, _log_mixture, _student_teacher_logits, heavy_options, interpreting, kernel_flags, scalar_args,
+    MODES, _log_mixture, _student_teacher_logits, gpu_tiles, heavy_options, interpreting, kernel_flags,
+    scalar_args,
 )
 
 LSE_S, LSE_T, SHIFT, RAW_LSE = 1, 2, 4, 5  # stats columns read here (crisp_fast.backends layout)
@@ -106,18 +107,17 @@ def divergence_backward_kernel(
                               sem="relaxed")
 
 
-def backward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool = False,
+def backward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool = False, aligned: bool = True,
                     interpret: bool | None = None) -> dict:
-    """Tiles of the backward kernel. GPU: BT 64 x BV 128, BK 32, 8 warps (no spills, HGMMA for all
-    four GEMMs on sm_90; see sm90_report); `heavy` options (bias, softcap, raw lse) spill 32 bytes
-    there and take BV 64 (none). Interpreter: big blocks (its cost is per tile-operation)."""
+    """Tiles of the backward kernel: the forward's GPU tiles (gpu_tiles; no spills and HGMMA for all
+    four GEMMs on sm_90, see sm90_report). Interpreter: big blocks (its cost is per tile-operation)."""
     if interpret is None:
         interpret = interpreting()
     if interpret:
         block_t = max(16, min(64, triton.next_power_of_2(n)))
         return dict(BT=block_t, BV=max(16, min(max(512, 65536 // block_t), triton.next_power_of_2(v))),
                     BK=max(16, min(256, triton.next_power_of_2(d))), num_warps=4, num_stages=1)
-    return dict(BT=64, BV=64 if heavy else 128, BK=32, num_warps=8, num_stages=3)
+    return gpu_tiles(aligned, heavy)
 
 
 def divergence_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
@@ -140,7 +140,8 @@ def divergence_backward(student_hidden, teacher_hidden, weight, teacher_weight, 
         return grad_hidden, grad_weight, grad_bias
     need_raw = bool(need_raw_lse) and grad_raw_lse is not None
     heavy = heavy_options(student_bias, teacher_bias, student_softcap, teacher_softcap, need_raw)
-    cfg = dict(config or backward_config(n, max(d, d_t), v, weight.dtype, heavy=heavy))
+    cfg = dict(config or backward_config(n, max(d, d_t), v, weight.dtype, heavy=heavy,
+                                         aligned=d % 16 == d_t % 16 == 0))
     flags = kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap)
     scalars = scalar_args(temperature, student_scale, teacher_scale, student_softcap, teacher_softcap, beta)
     grid = (triton.cdiv(n, cfg["BT"]), triton.cdiv(v, cfg["BV"]))

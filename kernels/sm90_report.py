@@ -53,6 +53,18 @@ def _signature(fn, pointer_types: dict, constexprs: dict) -> dict:
     return signature
 
 
+def _divisibility_attrs(fn, signature: dict, int_values: dict) -> dict:
+    """What the JIT would specialise at launch: 16-byte-aligned tensors (torch allocations) and
+    integer arguments divisible by 16 get `tt.divisibility = 16`. Without it the loads cannot be
+    vectorised or pipelined (cp.async), and the report would describe a kernel that never runs."""
+    attrs = {}
+    for index, name in enumerate(fn.arg_names):
+        kind = signature[name]
+        if kind.startswith("*") or (kind == "i32" and int_values.get(name, 1) % 16 == 0):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
 def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(False, True)) -> list[dict]:
     """Every kernel the launchers use for `shape`, with the launcher-chosen tiles and warps; `heavy`
     selects the plain variants (False), the bias + softcap + raw-lse ones (True) or both."""
@@ -61,9 +73,13 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     inputs = {name: f"*{dtype}" for name in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr")}
     variants = []
+    ints = dict(N=shape["n"], V=shape["v"], D=shape["d"], DT=shape.get("dt", shape["d"]))
     for with_options in heavy:  # plain, then bias + softcaps + raw lse (+ bias grad) on both sides
-        f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options, interpret=False)
-        b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options, interpret=False)
+        aligned = ints["D"] % 16 == ints["DT"] % 16 == 0
+        f_cfg = fwd.forward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options,
+                                   aligned=aligned, interpret=False)
+        b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options,
+                                    aligned=aligned, interpret=False)
         common = dict(HAS_BS=with_options, HAS_BT=with_options, HAS_SCAP=with_options, HAS_TCAP=with_options,
                       UPCAST=False, PRECISION="tf32")
         tag = " +all options" if with_options else ""
@@ -76,7 +92,7 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
                               BT=f_cfg["BT"], BV=f_cfg["BV"], BK=f_cfg["BK"])
             variants.append(dict(label=label + tag, fn=fwd.divergence_stats_kernel, constexprs=constexprs,
                                  pointers=inputs, num_warps=f_cfg["num_warps"], num_stages=f_cfg["num_stages"],
-                                 splits=f_cfg["splits"]))
+                                 splits=f_cfg["splits"], ints=dict(ints, tiles_per_split=f_cfg["tiles_per_split"])))
         for label, mode, shared in (("backward shared-W rkl", fwd.REVERSE_KL, True),
                                     ("backward separate-W rkl", fwd.REVERSE_KL, False),
                                     ("backward shared-W jsd", fwd.JSD_FIRST, True)):
@@ -84,7 +100,7 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
                               NEED_DB=with_options, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
             variants.append(dict(label=label + tag, fn=bwd.divergence_backward_kernel, constexprs=constexprs,
                                  pointers=inputs, num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"],
-                                 splits=None))
+                                 splits=None, ints=ints))
     return variants
 
 
@@ -102,8 +118,9 @@ def compile_variant(variant: dict, workdir: str) -> dict:
     from triton.backends.compiler import GPUTarget
 
     fn = variant["fn"]
-    source = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, variant["pointers"], variant["constexprs"]),
-                                       constexprs=variant["constexprs"])
+    signature = _signature(fn, variant["pointers"], variant["constexprs"])
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=variant["constexprs"],
+                                       attrs=_divisibility_attrs(fn, signature, variant["ints"]))
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=variant["num_warps"], num_stages=variant["num_stages"]))
     cubin_path = os.path.join(workdir, re.sub(r"\W+", "_", variant["label"]) + ".cubin")
@@ -118,9 +135,11 @@ def compile_variant(variant: dict, workdir: str) -> dict:
                 stack_bytes=resources["STACK"], local_bytes=resources["LOCAL"],
                 spill_bytes=resources["STACK"] + resources["LOCAL"],
                 shared_bytes=max(resources["SHARED"], compiled.metadata.shared),
-                hgmma=len(re.findall(r"\bHGMMA\b", sass)), atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
+                hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+                atomics=len(re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\b", sass)),
                 config=f"BT={c['BT']} BV={c['BV']} BK={c['BK']} warps={variant['num_warps']} "
-                       f"stages={variant['num_stages']}" + (f" splits={variant['splits']}" if variant["splits"] else ""))
+                       f"stages={variant['num_stages']}"
+                       + (f" splits={variant['splits']}" if variant["splits"] else ""))
 
 
 def sm90_facts(dtype: str = "bf16", shape: dict | None = None, *, heavy=(False, True)) -> list[dict]:
@@ -147,12 +166,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--variants", choices=("plain", "options", "all"), default="all")
+    parser.add_argument("--unaligned", action="store_true",
+                        help="N, D, V not divisible by 16 (8191, 4095, 151935): scalar loads, other tiles")
     parser.add_argument("--json", action="store_true", help="print the facts as JSON instead of a table")
     args = parser.parse_args()
     which = {"plain": (False,), "options": (True,), "all": (False, True)}[args.variants]
-    facts = sm90_facts(args.dtype, heavy=which)
+    shape = dict(n=8191, d=4095, v=151_935) if args.unaligned else QWEN3_8B
+    facts = sm90_facts(args.dtype, shape, heavy=which)
     if args.json:
         print(json.dumps(facts))
     else:
-        print(f"sm_90, {args.dtype}, N={QWEN3_8B['n']} D={QWEN3_8B['d']} V={QWEN3_8B['v']}")
+        print(f"sm_90, {args.dtype}, N={shape['n']} D={shape['d']} V={shape['v']}")
         print(format_table(facts))

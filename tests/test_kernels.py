@@ -194,7 +194,8 @@ def test_vocabulary_split_merge(seed, divergence, beta):
     b_s, b_t = inputs["student_bias"].detach(), inputs["teacher_bias"].detach()
     options = dict(divergence=divergence, beta=beta, temperature=1.4, student_softcap=5.0, need_raw_lse=True)
     one = forward.divergence_forward(h_s, h_t, w, None, b_s, b_t, **options)
-    config = dict(BT=32, BV=128, BK=64, num_warps=4, num_stages=1, tiles_per_split=2, splits=3)  # 5 tiles: last split short
+    # 5 vocabulary tiles in 3 splits: the last split is short
+    config = dict(BT=32, BV=128, BK=64, num_warps=4, num_stages=1, tiles_per_split=2, splits=3)
     split = forward.divergence_forward(h_s, h_t, w, None, b_s, b_t, **options, config=config)
     assert torch.allclose(split, one, rtol=1e-5, atol=1e-5)
 

@@ -1,7 +1,8 @@
 """Compile-only check of every Triton kernel for Hopper (sm_90), no GPU needed: at the tiles the
 launchers choose for D = 4096, V = 151,936, bf16, each kernel compiles, spills nothing and uses
 HGMMA (wgmma). The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets
-it for this process). The variants with every option on (bias, softcap, raw lse) are marked slow.
+it for this process). The variants with every option on (bias, softcap, raw lse) and those for an
+unaligned hidden size (D = 4095) are marked slow.
 
     PYTHONPATH=. python -m pytest -q tests/test_kernels_sm90.py            # ~1 min
     PYTHONPATH=. python -m pytest -q -m slow tests/test_kernels_sm90.py    # the option variants
@@ -33,7 +34,7 @@ EXPECTED_KERNELS = {"forward shared-W rkl", "forward separate-W rkl", "forward s
                     "backward shared-W rkl", "backward separate-W rkl", "backward shared-W jsd"}
 
 
-def _facts(variants: str) -> list[dict]:
+def _facts(variants: str, *extra: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     module = "crisp_fast.kernels.sm90_report"
@@ -41,7 +42,7 @@ def _facts(variants: str) -> list[dict]:
         __import__(module)
     except ImportError:
         module = "kernels.sm90_report"  # an uninstalled checkout
-    result = subprocess.run([sys.executable, "-m", module, "--json", "--variants", variants], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", module, "--json", "--variants", variants, *extra], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -71,5 +72,14 @@ def test_every_kernel_compiles_without_spills_and_with_hgmma(plain_facts):
 def test_option_variants_compile_without_spills_and_with_hgmma():
     facts = _facts("options")
     assert {fact["kernel"].replace(" +all options", "") for fact in facts} == EXPECTED_KERNELS
+    for fact in facts:
+        _check(fact)
+
+
+@pytest.mark.slow
+def test_unaligned_hidden_size_variants_compile_without_spills():
+    """D = 4095: no 16-divisibility, scalar loads, the launchers' fallback tiles."""
+    facts = _facts("all", "--unaligned")
+    assert len(facts) == 2 * len(EXPECTED_KERNELS)
     for fact in facts:
         _check(fact)
