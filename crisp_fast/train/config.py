@@ -133,6 +133,8 @@ def _coerce(where: str, value: Any, annotation) -> Any:
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if text == "str":
+        if isinstance(value, bool):  # YAML 1.1 reads on/off as booleans
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string, got {value!r}")
         return str(value)

@@ -58,7 +58,10 @@ def decoder_layers(lm) -> list[torch.nn.Module]:
 
 def enable_activation_checkpointing(lm) -> None:
     """Recompute each decoder layer in backward (non-reentrant, so it composes with FSDP2)."""
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.config.use_cache = False
 
 
@@ -75,6 +78,12 @@ def wrap(crisp_model, device: torch.device, mixed_precision: str) -> torch.nn.Mo
     for layer in decoder_layers(crisp_model.lm):
         fully_shard(layer, mp_policy=policy)
     fully_shard(crisp_model, mp_policy=policy)
+    # FSDP2 initialises its root on the first forward *through the root*; rollouts call the inner
+    # model (and its layers) directly, so run one token through the root now
+    one = torch.ones((1, 1), dtype=torch.long, device=device)
+    with torch.no_grad():
+        crisp_model(one, one, one - 1, torch.zeros(1, dtype=torch.long, device=device))
+    reshard_all(crisp_model)
     return crisp_model
 
 
