@@ -117,7 +117,7 @@ def backward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool =
         block_t = max(16, min(64, triton.next_power_of_2(n)))
         return dict(BT=block_t, BV=max(16, min(max(512, 65536 // block_t), triton.next_power_of_2(v))),
                     BK=max(16, min(256, triton.next_power_of_2(d))), num_warps=4, num_stages=1)
-    return gpu_tiles(aligned, heavy)
+    return gpu_tiles(aligned, heavy, dtype)
 
 
 def divergence_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,

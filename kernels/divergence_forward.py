@@ -18,9 +18,9 @@ Work split: grid = (token blocks, vocabulary splits). A token block of BT rows a
 N / BT programs (16 for N = 1024, BT = 64, on a 132-SM H100), so the vocabulary is cut into
 `splits` contiguous ranges of whole BV tiles, each program writes its partial (m, Z, E, C, R) per
 row to a [splits, N, 7] fp32 buffer, and `_merge_partials` (a few torch ops on [splits, N]) rescales
-them to the common max. `splits` is chosen so that there are about two waves of programs; with
-many tokens it is 1-3. Programs of one split sweep the same W tiles at the same time, so W is
-read from DRAM about once per split wave and reused from L2 by the token blocks.
+them to the common max. `splits` is chosen so that there are about two waves of programs (from the
+device's SM count); with many tokens it is 1-3. Programs of one split sweep the same W tiles at the
+same time, so W is read from DRAM about once per split wave and reused from L2 by the token blocks.
 
 Interpreter mode (TRITON_INTERPRET=1): bf16 arithmetic is not emulated correctly there, so the
 launcher sets UPCAST and every tile is converted to fp32 right after loading.
@@ -233,15 +233,16 @@ def _pow2_at_most(value: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, triton.next_power_of_2(max(int(value), 1))))
 
 
-def gpu_tiles(aligned: bool, heavy: bool) -> dict:
-    """The sm_90-checked tiles shared by both kernels (see forward_config)."""
-    if aligned:
+def gpu_tiles(aligned: bool, heavy: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The sm_90-checked tiles shared by both kernels (see forward_config). fp32 inputs take BK 32:
+    their tiles are twice the bytes, and 3 stages of BK 64 would overflow shared memory."""
+    if aligned and dtype != torch.float32:
         return dict(BT=64, BV=128, BK=64, num_warps=8, num_stages=3)
     return dict(BT=64, BV=64 if heavy else 128, BK=32, num_warps=8, num_stages=3)
 
 
 def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool = False, aligned: bool = True,
-                   interpret: bool | None = None) -> dict:
+                   interpret: bool | None = None, sms: int = H100_SMS) -> dict:
     """Tile shape, warps and vocabulary splits of the statistics kernel.
 
     GPU (read off the sm_90 SASS, see sm90_report): BT 64 x BV 128 at 8 warps, 3 stages. With the
@@ -259,10 +260,10 @@ def forward_config(n: int, d: int, v: int, dtype: torch.dtype, *, heavy: bool = 
         config = dict(BT=block_t, BV=_pow2_at_most(v, max(512, 65536 // block_t)), BK=_pow2_at_most(d, 256),
                       num_warps=4, num_stages=1)
     else:
-        config = gpu_tiles(aligned, heavy)
+        config = gpu_tiles(aligned, heavy, dtype)
     token_blocks = triton.cdiv(n, config["BT"])
     vocab_tiles = triton.cdiv(v, config["BV"])
-    target = 2 * H100_SMS if not interpret else 1
+    target = 2 * sms if not interpret else 1
     splits = max(1, min(vocab_tiles, triton.cdiv(target, token_blocks)))
     config["tiles_per_split"] = triton.cdiv(vocab_tiles, splits)
     config["splits"] = triton.cdiv(vocab_tiles, config["tiles_per_split"])
@@ -329,7 +330,11 @@ def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=No
     d_t = teacher_hidden.shape[1]
     mode = MODES[divergence]
     heavy = heavy_options(student_bias, teacher_bias, student_softcap, teacher_softcap, need_raw_lse)
-    cfg = dict(config or forward_config(n, max(d, d_t), v, weight.dtype, heavy=heavy, aligned=d % 16 == d_t % 16 == 0))
+    sms = H100_SMS
+    if student_hidden.is_cuda:
+        sms = torch.cuda.get_device_properties(student_hidden.device).multi_processor_count
+    cfg = dict(config or forward_config(n, max(d, d_t), v, weight.dtype, heavy=heavy,
+                                        aligned=d % 16 == d_t % 16 == 0, sms=sms))
     splits, tiles_per_split = cfg.pop("splits"), cfg.pop("tiles_per_split")
     flags = kernel_flags(weight, teacher_weight, student_bias, teacher_bias, student_softcap, teacher_softcap)
     scalars = scalar_args(temperature, student_scale, teacher_scale, student_softcap, teacher_softcap, beta)

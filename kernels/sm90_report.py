@@ -70,7 +70,7 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
     selects the plain variants (False), the bias + softcap + raw-lse ones (True) or both."""
     fwd, bwd = _kernels()
     shape = shape or QWEN3_8B
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     inputs = {name: f"*{dtype}" for name in ("hs_ptr", "ht_ptr", "w_ptr", "wt_ptr")}
     variants = []
     ints = dict(N=shape["n"], V=shape["v"], D=shape["d"], DT=shape.get("dt", shape["d"]))
@@ -81,7 +81,7 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
         b_cfg = bwd.backward_config(shape["n"], shape["d"], shape["v"], torch_dtype, heavy=with_options,
                                     aligned=aligned, interpret=False)
         common = dict(HAS_BS=with_options, HAS_BT=with_options, HAS_SCAP=with_options, HAS_TCAP=with_options,
-                      UPCAST=False, PRECISION="tf32")
+                      UPCAST=False, PRECISION=fwd._precision(torch_dtype))
         tag = " +all options" if with_options else ""
         for label, mode, shared in (("forward shared-W rkl", fwd.REVERSE_KL, True),
                                     ("forward separate-W rkl", fwd.REVERSE_KL, False),
@@ -164,7 +164,7 @@ if __name__ == "__main__":
     import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--variants", choices=("plain", "options", "all"), default="all")
     parser.add_argument("--unaligned", action="store_true",
                         help="N, D, V not divisible by 16 (8191, 4095, 151935): scalar loads, other tiles")
