@@ -13,6 +13,7 @@
 #include "fused_divergence.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -272,6 +273,7 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
 
 at::Tensor forward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, const at::Tensor& wt,
                    const at::Tensor& bs, const at::Tensor& bt, const Options& options) {
+  c10::NoGradGuard no_grad;  // the out= GEMMs refuse inputs that require grad; we are the gradient
   Problem p = make_problem(hs, ht, w, wt, bs, bt, options);
   at::Tensor stats = at::zeros({p.n, kNumStats}, at::TensorOptions().dtype(at::kFloat));
   Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, options.divergence == kJSD));
@@ -287,6 +289,7 @@ std::tuple<at::Tensor, Grads> forward_backward(const at::Tensor& hs, const at::T
                                                const at::Tensor& grad_loss_in, const at::Tensor& grad_raw_in,
                                                bool need_hidden, bool need_weight, bool need_bias,
                                                const Options& options) {
+  c10::NoGradGuard no_grad;  // the out= GEMMs refuse inputs that require grad; we are the gradient
   Problem p = make_problem(hs, ht, w, wt, bs, bt, options);
   at::Tensor grad_loss = as_rows(grad_loss_in, p.n, "grad_loss");
   TORCH_CHECK(grad_loss.defined(), "native backend: grad_loss is required");
@@ -324,6 +327,7 @@ Grads backward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, 
                const at::Tensor& bs, const at::Tensor& bt, const at::Tensor& stats_in, const at::Tensor& grad_loss_in,
                const at::Tensor& grad_raw_in, bool need_hidden, bool need_weight, bool need_bias,
                const Options& options) {
+  c10::NoGradGuard no_grad;  // the out= GEMMs refuse inputs that require grad; we are the gradient
   Problem p = make_problem(hs, ht, w, wt, bs, bt, options);
   TORCH_CHECK(stats_in.dim() == 2 && stats_in.size(0) == p.n && stats_in.size(1) == kNumStats,
               "native backend: stats must be [", p.n, ", ", int64_t(kNumStats), "]");
