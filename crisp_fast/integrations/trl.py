@@ -28,6 +28,7 @@ or with `unpatch_distillation_trainer()`.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Callable
 
@@ -154,8 +155,6 @@ def _with_backend(backend: str) -> Callable:
 def _modules_to_patch():
     """Every loaded `trl` module whose `_chunked_divergence_loss` is TRL's function or one of our patches
     (TRL's trainer module always; any module that re-exported the name too)."""
-    import importlib
-
     trainer_module = importlib.import_module(_TRL_MODULE)
     current = getattr(trainer_module, _FUNCTION_NAME, None)
     if current is None:
@@ -223,8 +222,6 @@ def unpatch_distillation_trainer() -> None:
 
 def is_patched() -> bool:
     """True when TRL's `DistillationTrainer` currently computes its loss with crisp_fast."""
-    import importlib
-
     return hasattr(getattr(importlib.import_module(_TRL_MODULE), _FUNCTION_NAME), _MARK)
 
 
