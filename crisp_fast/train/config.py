@@ -232,6 +232,8 @@ def validate(config: Config) -> None:
     _require(p.preset in ("v1", "v2"), f"prompts.preset must be v1 or v2, got {p.preset!r}")
     _require(p.placement in ("header", "system", "suffix"), f"prompts.placement must be header, system or suffix, got {p.placement!r}")
     _require(r.engine in ("hf", "vllm"), f"rollout.engine must be hf or vllm, got {r.engine!r}")
+    _require(r.engine != "vllm" or m.source != "build",
+             "rollout.engine='vllm' needs model.source to be a path or hub name (vLLM loads the architecture itself)")
     _require(r.n >= 1, f"rollout.n must be >= 1, got {r.n}")
     _require(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}")
     _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}")

@@ -228,10 +228,10 @@ class Trainer:
         logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, total_steps=c.train.steps, start_step=self.step,
                                tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
                                progress=c.log.progress, config=to_dict(c))
-        if self.rank == 0 and (resumed or self.skipped_prompts):
-            print(f"crisp: resumed from {resumed} at step {self.step}" if resumed else "", end="\n" if resumed else "")
-            if self.skipped_prompts:
-                print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
+        if self.rank == 0 and resumed:
+            print(f"crisp: resumed from {resumed} at step {self.step}")
+        if self.rank == 0 and self.skipped_prompts:
+            print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
         try:
             while self.step < c.train.steps:
                 metrics = self.train_step()
