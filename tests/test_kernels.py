@@ -235,3 +235,13 @@ def test_float64_is_refused_and_backend_reports(seed):
         crisp_fast.fused_linear_divergence(**inputs, backend="triton")
     available, why = triton_backend.is_available()
     assert available and "ok" in why
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy notices the NaN inside the interpreter
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_counted_row_propagates(seed, bad):
+    inputs = _problem(6, 16, 100)
+    inputs["student_hidden"].data[2, 3] = bad
+    per_row = crisp_fast.fused_linear_divergence(**inputs, backend="triton", reduction="none")
+    assert not torch.isfinite(per_row[2])
+    assert torch.isfinite(per_row[[0, 1, 3, 4, 5]]).all()  # rows never mix
