@@ -145,3 +145,17 @@ def test_vllm_engine_greedy_matches_hf(tmp_path, seed):  # pragma: no cover - GP
     got = engine.generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=8))
     expected = make_engine("hf", model, TOKENIZER).generate(prompts, SamplingConfig(temperature=0.0, max_new_tokens=8))
     assert [g.token_ids for g in got] == [g.token_ids for g in expected]
+
+
+def test_checkpoint_generation_defaults_do_not_leak(seed):
+    """Qwen3 checkpoints ship top_k=20, temperature=0.6; our SamplingConfig must win. With the
+    model's own defaults set to top_k=1 (greedy), a leak would make every sample greedy."""
+    model = tiny_model(seed)
+    model.generation_config.top_k, model.generation_config.temperature = 1, 0.01
+    model.generation_config.do_sample = True
+    engine = make_engine("hf", model, TOKENIZER)
+    prompt = [[5, 6, 7]]
+    greedy = engine.generate(prompt, SamplingConfig(temperature=0.0, max_new_tokens=6))[0].token_ids
+    samples = engine.generate(prompt, SamplingConfig(n=6, temperature=1.0, top_k=0, max_new_tokens=6, seed=seed))
+    assert any(s.token_ids != greedy for s in samples)
+    assert len({tuple(s.token_ids) for s in samples}) > 1
