@@ -3,7 +3,7 @@
 Function level: the patched `_chunked_divergence_loss` against TRL's own function (fp32) and the
 fp64 reference, over every option it takes. Trainer level: a few on-policy steps of
 `trl.DistillationTrainer` on tiny local Qwen3 models (student and teacher of different widths)
-log the same losses patched and unpatched. Budget: ~60 s on 2 cores.
+log the same losses patched and unpatched. Budget: ~60 s on 2 quiet cores (~110 s at load 13).
 
     PYTHONPATH=. pytest tests/test_integrations_trl.py -q
 """
