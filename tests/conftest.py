@@ -3,6 +3,9 @@ kernels are tested on CPU through the Triton interpreter."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The interpreter runs each tl.dot as a small numpy matmul; multi-threaded OpenBLAS on 2 busy
+# cores made those ~30x slower. torch's own GEMMs do not use OpenBLAS, so this costs them nothing.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
