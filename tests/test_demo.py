@@ -114,20 +114,21 @@ def test_a_few_crisp_steps_shorten_the_rollouts(tmp_path, seed):
     from crisp_fast.demo import main as demo
 
     args = demo.main.__globals__["argparse"].Namespace(
-        out=tmp_path / "run", teacher_refresh_every=0, steps=4, prompts_per_step=8, lr=3e-3, seed=seed % 1000,
-        threads=2, eval_per_level=2, eval_temperature=0.0, loss_backend="torch", base=demo.BASE_DIR)
+        out=tmp_path / "run", teacher_refresh_every=0, steps=4, prompts_per_step=8, lr=1e-3, seed=seed % 1000,
+        threads=1, eval_per_level=2, eval_temperature=0.0, loss_backend="torch", base=demo.BASE_DIR)
     result = demo.run(args)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 4
     assert all(torch.isfinite(torch.tensor(h["kl"])) and h["kl"] >= 0 for h in history)
     assert history[0]["kl"] > 0
-    # the verbose student and the concise teacher disagree at the redundant lines; a few steps at a
-    # high learning rate must shorten the rollouts
-    assert history[-1]["mean_response_tokens"] < history[0]["mean_response_tokens"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert set(summary["by_difficulty"]) == {str(level) for level in world.LEVELS}
     for row in [summary["overall"], *summary["by_difficulty"].values()]:
         assert 0 <= row["base"]["accuracy"] <= 1 and 0 <= row["crisp"]["accuracy"] <= 1
         assert row["reduction"] == pytest.approx(1 - row["crisp"]["mean_tokens"] / row["base"]["mean_tokens"])
+    # the verbose student and the concise teacher disagree at the redundant lines; a few steps at a
+    # high learning rate must shorten the greedy responses on the held-out problems (the sampled
+    # rollouts are too few and too varied to compare step by step)
+    assert summary["overall"]["crisp"]["mean_tokens"] < 0.9 * summary["overall"]["base"]["mean_tokens"]
     assert (tmp_path / "run" / "demo.png").stat().st_size > 0
     assert result["overall"] == summary["overall"]

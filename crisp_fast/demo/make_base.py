@@ -74,11 +74,11 @@ def batch(tokenizer, rng: random.Random, size: int):
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, out: pathlib.Path, log_every: int = 25,
-          threads: int = 2, save_every: int = 0) -> dict:
+          threads: int = 2, save_every: int = 0, init_from: pathlib.Path | None = None) -> dict:
     deterministic(seed, threads)
     tokenizer = build_tokenizer()
     config = tiny_qwen3_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    model = Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config) if init_from is None else Qwen3ForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -115,7 +115,7 @@ def train(steps: int, batch_size: int, lr: float, seed: int, out: pathlib.Path, 
                                                do_sample=False, max_new_tokens=160)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
+    meta = {"init_from": str(init_from) if init_from else None, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": torch.get_num_threads(),
             "wall_seconds": round(time.time() - started, 1), "held_out_greedy": report}
     (out / "make_base.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
@@ -129,9 +129,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=BASE_DIR)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it; 1 is what shipped)")
+    parser.add_argument("--init-from", type=pathlib.Path, default=None, help="continue from this checkpoint (a second stage)")
     parser.add_argument("--save-every", type=int, default=0, help="also save partial checkpoints next to --out")
     args = parser.parse_args(argv)
-    train(args.steps, args.batch_size, args.lr, args.seed, args.out, threads=args.threads, save_every=args.save_every)
+    train(args.steps, args.batch_size, args.lr, args.seed, args.out, threads=args.threads, save_every=args.save_every,
+          init_from=args.init_from)
     return 0
 
 
