@@ -60,6 +60,8 @@ class TokenStats(NamedTuple):
     teacher_lse: torch.Tensor      # logsumexp of the tempered teacher logits
     student_entropy: torch.Tensor  # entropy of the tempered student distribution, in nats
     counted: torch.Tensor          # bool: the row took part in the loss
+    student_raw_lse: torch.Tensor | None = None  # logsumexp of the untempered student logits
+                                                 # (only when `_raw_lse_coeff` was given)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +338,8 @@ def fused_linear_divergence(
                                 need_raw_lse=_raw_lse_coeff is not None)
     _validate(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_head_weight, student_bias,
               teacher_bias, mask, token_weights, reduction, options)
+    if _raw_lse_coeff is not None and reduction == "none":
+        raise ValueError("_raw_lse_coeff needs a scalar reduction ('mean' or 'sum'), not 'none'")
     options = _canonical(options)
     module = _resolve_backend(backend, student_hidden.device, student_hidden.dtype)
 
@@ -380,7 +384,7 @@ def fused_linear_divergence(
         loss, stats = _ReducedDivergence.apply(*args, coeff.contiguous(), raw_coeff, module, options)
     if not return_stats:
         return loss
-    return loss, _scatter_stats(stats, rows, n, counted)
+    return loss, _scatter_stats(stats, rows, n, counted, options.need_raw_lse)
 
 
 def _nothing_counted(student_hidden, weight, bias, n, reduction, return_stats, counted):
@@ -393,17 +397,18 @@ def _nothing_counted(student_hidden, weight, bias, n, reduction, return_stats, c
     if not return_stats:
         return loss
     zeros = torch.zeros(n, device=student_hidden.device)
-    return loss, TokenStats(zeros, zeros, zeros, zeros, counted)
+    return loss, TokenStats(zeros, zeros, zeros, zeros, counted, zeros)
 
 
-def _scatter_stats(stats, rows, n, counted):
+def _scatter_stats(stats, rows, n, counted, need_raw_lse):
     def column(index):
         values = stats[:, index]
         if index == LOSS:
             values = values.clamp_min(0.0)
         return values if rows is None else values.new_zeros(n).index_copy(0, rows, values)
 
-    return TokenStats(column(LOSS), column(STUDENT_LSE), column(TEACHER_LSE), column(STUDENT_ENTROPY), counted)
+    return TokenStats(column(LOSS), column(STUDENT_LSE), column(TEACHER_LSE), column(STUDENT_ENTROPY), counted,
+                      column(STUDENT_RAW_LSE) if need_raw_lse else None)
 
 
 def fused_linear_reverse_kl(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_head_weight=None, **kwargs):

@@ -39,7 +39,8 @@ class FusedLinearJSD(torch.nn.Module):
     """
 
     def __init__(self, jsd_beta: float = 0.5, ignore_index: int = -100, temperature: float = 1.0,
-                 backend: str = "auto"):
+                 accum_dtype: torch.dtype | None = None, backend: str = "auto"):
+        # accum_dtype is accepted for Liger compatibility: the weight gradient is always accumulated in fp32
         super().__init__()
         if not 0.0 <= jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")

@@ -315,3 +315,15 @@ def test_unavailable_backend_says_why(monkeypatch):
     h = torch.randn(2, 3)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_linear_reverse_kl(h, h, torch.randn(4, 3), backend="triton")
+
+
+def test_raw_lse_is_reported_in_stats_and_needs_a_scalar_reduction(seed):
+    h_s, h_t, w, _, _ = make_inputs(11, 7, 97)
+    mask = torch.rand(11) > 0.3
+    _, stats = fused_linear_reverse_kl(h_s, h_t, w, mask=mask, temperature=3.0, student_softcap=2.0,
+                                       _raw_lse_coeff=torch.zeros(11), return_stats=True, backend=BACKEND)
+    exact = reference.token_statistics(h_s.double(), h_t.double(), w.double(), temperature=3.0, student_softcap=2.0)
+    torch.testing.assert_close(stats.student_raw_lse[mask].double(), exact["student_raw_lse"][mask])
+    assert fused_linear_reverse_kl(h_s, h_t, w, return_stats=True, backend=BACKEND)[1].student_raw_lse is None
+    with pytest.raises(ValueError, match="scalar reduction"):
+        fused_linear_reverse_kl(h_s, h_t, w, reduction="none", _raw_lse_coeff=torch.ones(11), backend=BACKEND)
