@@ -15,11 +15,14 @@ from dataclasses import asdict, dataclass
 
 from crisp_fast.eval.grader import DEFAULT_TIMEOUT_S, GradeResult, grade_many, grade_response
 from crisp_fast.eval.problems import Problem
+from crisp_fast.prompts import student_template
 
 # The student's ordinary prompt ("solve step by step" + the answer-format line the grader reads).
 # `{problem}` is replaced verbatim (no str.format: templates contain LaTeX braces).
 PROMPT_TEMPLATES = {
-    "default": (
+    # the trainer's student prompt, so that before/after numbers measure the training
+    "default": student_template("v1"),
+    "answer-line": (
         "Solve the following math problem step by step. The last line of your response should be "
         "of the form Answer: $ANSWER (without quotes) where $ANSWER is the answer to the problem.\n\n"
         "{problem}\n\nRemember to put your answer on its own line after \"Answer:\"."

@@ -12,27 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Named instruction presets, in this project's own words. v1: be concise. v2: be concise, but
-# difficulty-aware — never trade correctness for brevity on hard, multi-step problems.
-PRESETS = {
-    "v1": {
-        "student_header": "Solve the following math problem step by step.",
-        "teacher_instruction": (
-            "Solve the following math problem correctly and concisely. Get straight to the point: "
-            "skip restating the problem, repeated checks and needless elaboration, and write only "
-            "the reasoning steps that are needed to reach the answer."),
-        "answer_format": "Put the final answer on its own last line as 'Answer: <answer>'.",
-    },
-    "v2": {
-        "student_header": "Solve the following math problem step by step.",
-        "teacher_instruction": (
-            "Solve the following math problem concisely, but correctness comes before brevity. "
-            "For an easy problem, go straight to the answer without detours or restatements. For a "
-            "hard or multi-step problem, keep every step the solution needs, including any case "
-            "analysis, and finish with a brief check; drop only what is redundant."),
-        "answer_format": "Put the final answer on its own last line as 'Answer: <answer>'.",
-    },
-}
+from crisp_fast.prompts import PRESETS  # shared with crisp_fast.eval
 
 
 @dataclass
