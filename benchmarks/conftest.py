@@ -62,7 +62,7 @@ def bench_config(request) -> BenchConfig:
         pytest.fail("--bench-device cuda but torch sees no CUDA device")
     quick = option("--quick")
     if quick:
-        tokens, hidden, reps = [256, 512], [256], 2
+        tokens, hidden, reps = [128, 256], [256], 2
     elif device == "cuda":
         tokens, hidden, reps = [1024, 2048, 4096, 8192, 16384, 32768], [256, 1024, 4096], 5
     else:

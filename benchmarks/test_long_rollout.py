@@ -43,8 +43,11 @@ def test_long_rollout_step_fits_only_fused(bench_config):
     fits = fused["status"] == "ok"
     only_fused = fits and materialised["status"] == "OOM"
     print(f"{'PASS' if fits else 'MISS'} the fused step completes within the {cap / harness.GIB:.1f} GiB cap")
-    print(f"{'PASS' if only_fused else 'MISS'} the materialised step does not fit "
-          f"({materialised['status']}{': ' + materialised.get('error', '') if materialised['status'] != 'ok' else ''})")
+    if bench_config.quick:
+        print(f"(quick: at {tokens} tokens both steps are expected to fit; the claim is for {FULL_TOKENS})")
+    else:
+        print(f"{'PASS' if only_fused else 'MISS'} the materialised step does not fit "
+              f"({materialised['status']}{': ' + materialised.get('error', '') if materialised['status'] != 'ok' else ''})")
     facts = harness.machine_facts("cpu")
     facts["memory_cap_gib"] = round(cap / harness.GIB, 2)
     path = harness.append_json("long_rollout.json", {"benchmark": "long_rollout_step", "quick": bench_config.quick,
