@@ -173,6 +173,8 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> str | None:
     hiddens = sorted({row["hidden"] for row in rows})
     figure, axes = plt.subplots(len(hiddens), 2, figsize=(12, 4.2 * len(hiddens)), squeeze=False)
     impls = list(dict.fromkeys(row["impl"] for row in rows))
+    # one colour per implementation in both panels (the floor has no memory line)
+    colours = {impl: f"C{index}" for index, impl in enumerate(i for i in impls if not i.startswith("floor"))}
     for panel, hidden in zip(axes, hiddens):
         for impl in impls:
             points = sorted((row["tokens"], row) for row in rows
@@ -180,10 +182,10 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> str | None:
             if not points:
                 continue
             tokens = [n for n, _ in points]
-            style = dict(linestyle="--", color="black") if impl.startswith("floor") else dict(marker="o")
+            style = dict(linestyle="--", color="black") if impl.startswith("floor") else dict(marker="o", color=colours[impl])
             panel[0].plot(tokens, [row["time_s"] for _, row in points], label=impl, **style)
             if not impl.startswith("floor"):
-                panel[1].plot(tokens, [row["peak_bytes"] / MIB for _, row in points], label=impl, marker="o")
+                panel[1].plot(tokens, [row["peak_bytes"] / MIB for _, row in points], label=impl, **style)
             ooms = sorted(row["tokens"] for row in rows if row["impl"] == impl and row["hidden"] == hidden
                           and row.get("status") == "OOM")
             if ooms:
