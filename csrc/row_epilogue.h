@@ -7,6 +7,7 @@
 // in double, relative to running maxima, like an online softmax.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,7 +58,10 @@ struct RowState {
   bool poisoned = false;  // a NaN or +inf logit: every statistic of the row becomes NaN
 };
 
-// One block's contribution to a row, then merged into `state`.
+// One block's contribution to a row, then merged into `state`. The fp32 partial sums run over
+// sub-blocks of kSumSpan entries (a short fp32 sum per SIMD lane) and are added up in double.
+constexpr int64_t kSumSpan = 512;
+
 inline void accumulate_block(const float* xs, const float* xt, int64_t n, Divergence divergence, float temperature,
                              bool need_raw, RowState& state) {
   const float max_s = row_max(xs, n), max_t = row_max(xt, n);
@@ -65,21 +69,26 @@ inline void accumulate_block(const float* xs, const float* xt, int64_t n, Diverg
     state.poisoned = true;
     return;
   }
-  float zs = 0, cs = 0, ds = 0, zy = 0, zt = 0, dt = 0;
+  double zs = 0, cs = 0, ds = 0, zy = 0, zt = 0, dt = 0;
   const bool reverse = divergence == kReverseKL, forward = divergence == kForwardKL;
   const bool raw = need_raw && temperature != 1.0f;
   // a block whose logits are all -inf (e.g. a -inf bias) adds nothing to that side
   const float ref_s = max_s == -INFINITY ? 0.0f : max_s, ref_t = max_t == -INFINITY ? 0.0f : max_t;
-#pragma omp simd reduction(+ : zs, cs, ds, zy, zt, dt)
-  for (int64_t v = 0; v < n; ++v) {
-    const float us = xs[v] - ref_s, ut = xt[v] - ref_t;
-    const float es = fast_exp(us), et = fast_exp(ut);
-    zs += es;
-    cs += us == -INFINITY ? 0.0f : es * us;
-    zt += et;
-    if (reverse) ds += es * (xs[v] - xt[v]);
-    if (forward) dt += et * (xt[v] - xs[v]);
-    if (raw) zy += fast_exp(temperature * us);
+  for (int64_t start = 0; start < n; start += kSumSpan) {
+    const int64_t stop = std::min(n, start + kSumSpan);
+    float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, dt_f = 0;
+#pragma omp simd reduction(+ : zs_f, cs_f, ds_f, zy_f, zt_f, dt_f)
+    for (int64_t v = start; v < stop; ++v) {
+      const float us = xs[v] - ref_s, ut = xt[v] - ref_t;
+      const float es = fast_exp(us), et = fast_exp(ut);
+      zs_f += es;
+      cs_f += us == -INFINITY ? 0.0f : es * us;
+      zt_f += et;
+      if (reverse) ds_f += es * (xs[v] - xt[v]);
+      if (forward) dt_f += et * (xt[v] - xs[v]);
+      if (raw) zy_f += fast_exp(temperature * us);
+    }
+    zs += zs_f, cs += cs_f, ds += ds_f, zy += zy_f, zt += zt_f, dt += dt_f;
   }
   if (max_s != -INFINITY) {
     const double block_max = max_s, merged = std::max(state.ms, block_max);
@@ -145,16 +154,19 @@ static inline float jsd_log_mixture(float log_p, float log_q, float beta) {
 // sum_v q (log q - log m) and sum_v p (log p - log m) over one block, added to the doubles
 inline void jsd_block_terms(const float* xs, const float* xt, int64_t n, float lse_s, float lse_t, float beta,
                             double& kl_q_m, double& kl_p_m) {
-  float sum_q = 0, sum_p = 0;
+  for (int64_t start = 0; start < n; start += kSumSpan) {
+    const int64_t stop = std::min(n, start + kSumSpan);
+    float sum_q = 0, sum_p = 0;
 #pragma omp simd reduction(+ : sum_q, sum_p)
-  for (int64_t v = 0; v < n; ++v) {
-    const float log_p = xs[v] - lse_s, log_q = xt[v] - lse_t;
-    const float log_m = jsd_log_mixture(log_p, log_q, beta);
-    sum_q += fast_exp(log_q) * (log_q - log_m);
-    sum_p += fast_exp(log_p) * (log_p - log_m);
+    for (int64_t v = start; v < stop; ++v) {
+      const float log_p = xs[v] - lse_s, log_q = xt[v] - lse_t;
+      const float log_m = jsd_log_mixture(log_p, log_q, beta);
+      sum_q += fast_exp(log_q) * (log_q - log_m);
+      sum_p += fast_exp(log_p) * (log_p - log_m);
+    }
+    kl_q_m += sum_q;
+    kl_p_m += sum_p;
   }
-  kl_q_m += sum_q;
-  kl_p_m += sum_p;
 }
 
 // Per-row constants of the gradient tile.

@@ -268,7 +268,9 @@ def test_plan_scratch_within_half_the_gradients(n, d, dtype):
         assert plan["workspace_bytes"] <= 0.5 * gradients, plan
         assert 1 <= plan["chunk_rows"] <= n
     plan = native.plan(n, vocab, d, dtype=dtype)
-    assert plan["chunk_rows"] >= min(n, d // 5), plan
+    # 2 fp32 logits rows of V per token in 0.4x the gradients: about D / 5 rows (less for bf16,
+    # whose fp32 copy of a weight block comes out of the same budget)
+    assert plan["chunk_rows"] >= min(n, d // 6 if dtype == torch.float32 else d // 8), plan
 
 
 _PEAK_SCRIPT = textwrap.dedent("""
