@@ -285,7 +285,11 @@ class _ReducedDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):
         if ctx.precomputed is not None:
-            grads = tuple(None if g is None else g * grad_total for g in ctx.precomputed)
+            # Scale in place and drop our reference: a second dW-sized copy here (or in autograd's
+            # AccumulateGrad, which clones a gradient someone else still holds) would double the
+            # peak memory of the whole loss.
+            grads, ctx.precomputed = ctx.precomputed, None
+            grads = tuple(None if g is None else g.mul_(grad_total) for g in grads)
         else:
             stats, loss_coeff, raw_coeff = ctx.saved_tensors[6:9]
             grads = ctx.backend.backward(
