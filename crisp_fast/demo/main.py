@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-refresh-every", type=int, default=50,
                         help="M: 0 frozen teacher, 1 the live student, M > 1 refresh every M steps (default 50, the paper's)")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4,
                         help="far above the paper's 1e-6 (a 0.8M model, 40 steps); 1e-3 wrecks the base in 2 steps")
     parser.add_argument("--seed", type=int, default=0)
