@@ -44,7 +44,8 @@ def truth(h_s, h_t, w, w_t, b, **kwargs):
 
 
 def max_rel_error(ours, exact):
-    return max(((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+    # the floor keeps denormal-sized gradients (both distributions one-hot) from counting as errors
+    return max(((a.double() - e).abs().max() / e.abs().max().clamp_min(1e-6)).item()
                for a, e in zip(ours, exact) if e is not None)
 
 
@@ -170,9 +171,11 @@ def test_token_stats_match_reference(seed):
 
 
 def test_peaky_logits(seed):
-    """Rows of W equal to hidden states: one logit dominates each row."""
-    h_s, h_t, w, _, _ = make_inputs(19, 24, 509, spread=3.0)
+    """Rows of W equal to hidden states: one logit dominates each row; the teacher's peak is
+    another row's token, so the divergence and its gradient are large."""
+    h_s, _, w, _, _ = make_inputs(19, 24, 509, spread=3.0)
     w[:19] = h_s * 2.0
+    h_t = torch.roll(h_s, 1, dims=0) + 0.1 * torch.randn_like(h_s)
     assert_close_to_truth((h_s, h_t, w, None, None), reduction="mean")
 
 
