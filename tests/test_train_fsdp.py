@@ -88,4 +88,4 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, seed):
     assert ranks[1]["weights"] == {}  # the full state dict is gathered to rank 0 only
     assert ranks[0]["weights"].keys() == single["weights"].keys()
     for name, expected in single["weights"].items():
-        torch.testing.assert_close(ranks[0]["weights"][name], expected, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(ranks[0]["weights"][name], expected, rtol=0, atol=1e-4, msg=name)
