@@ -20,6 +20,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "row_epilogue.h"
 
 namespace crisp_native {
@@ -81,23 +85,46 @@ Problem make_problem(const at::Tensor& hs, const at::Tensor& ht, const at::Tenso
   return p;
 }
 
+// Cache-line aligned scratch. `new float[]` of a large size returns mmap'd memory 16 bytes past a
+// page boundary, so every logits row the GEMM writes straddles cache lines: measured 25% slower
+// GEMMs at N = 2048, D = 1024.
+struct FreeDeleter {
+  void operator()(float* data) const { std::free(data); }
+};
+using AlignedFloats = std::unique_ptr<float[], FreeDeleter>;
+
+AlignedFloats aligned_floats(int64_t count) {
+  // buffers of 2 MiB or more sit on huge-page boundaries and ask for transparent huge pages: the
+  // logits workspace is first touched inside the GEMMs, 4 KiB page faults would be paid there
+  constexpr size_t kLine = 64, kHugePage = size_t(2) << 20;
+  const size_t wanted = std::max<size_t>(static_cast<size_t>(count) * sizeof(float), kLine);
+  const size_t alignment = wanted >= kHugePage ? kHugePage : kLine;
+  const size_t bytes = (wanted + alignment - 1) / alignment * alignment;
+  void* data = std::aligned_alloc(alignment, bytes);
+  TORCH_CHECK(data != nullptr, "native backend: cannot allocate ", bytes, " bytes of scratch");
+#ifdef MADV_HUGEPAGE
+  if (alignment == kHugePage) madvise(data, bytes, MADV_HUGEPAGE);  // advice only: failure is harmless
+#endif
+  return AlignedFloats(static_cast<float*>(data));
+}
+
 // Scratch memory: plain heap buffers (no tensor allocations; the GEMMs write into views of them).
 struct Workspace {
   Plan plan;
-  std::unique_ptr<float[]> logits, student_rows, teacher_rows, weight_block, teacher_weight_block;
+  AlignedFloats logits, student_rows, teacher_rows, weight_block, teacher_weight_block;
   int64_t logits_block_stride = 0;  // floats between vocabulary blocks in `logits`
 
   Workspace(const Problem& p, const Plan& plan_) : plan(plan_) {
     const int64_t rows = plan.chunk_rows, block = plan.vocab_block;
     logits_block_stride = 2 * rows * block;
     const int64_t blocks = plan.full_rows ? (p.vocab + block - 1) / block : 1;
-    logits.reset(new float[blocks * logits_block_stride]);
+    logits = aligned_floats(blocks * logits_block_stride);
     // the student and teacher rows of a chunk sit back to back so a shared weight needs one GEMM
-    student_rows.reset(new float[rows * (p.shared ? 2 * p.d : p.d)]);
-    if (!p.shared) teacher_rows.reset(new float[rows * p.d_t]);
+    student_rows = aligned_floats(rows * (p.shared ? 2 * p.d : p.d));
+    if (!p.shared) teacher_rows = aligned_floats(rows * p.d_t);
     if (p.low_precision) {
-      weight_block.reset(new float[block * p.d]);
-      if (!p.shared) teacher_weight_block.reset(new float[block * p.d_t]);
+      weight_block = aligned_floats(block * p.d);
+      if (!p.shared) teacher_weight_block = aligned_floats(block * p.d_t);
     }
   }
 };

@@ -3,8 +3,8 @@ in one process (the machine is shared: medians of several repetitions).
 
     PYTHONPATH=. python csrc/tests/bench_native.py --n 2048 --d 256 [--vocab 151936] [--reps 3]
 
-Floor = the four fp32 GEMMs of 2 N D V FLOPs (student logits, teacher logits, G W, G^T h) on
-2048-row slices. Peak memory is VmHWM over the inputs (reset through /proc/self/clear_refs).
+Floor = the benchmark's floor (benchmarks/fused_impls.py: the four fp32 GEMMs of 2 N D V FLOPs,
+student logits, teacher logits, G W, G^T h, on 2048-row slices into a preallocated buffer). Peak memory is VmHWM over the inputs (reset through /proc/self/clear_refs).
 """
 import argparse
 import statistics
@@ -13,6 +13,7 @@ import time
 import torch
 
 import crisp_fast
+from benchmarks.fused_impls import floor_step
 
 
 def vm_kib(field):
@@ -23,20 +24,6 @@ def vm_kib(field):
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
-
-
-def floor_gemms(h_s, h_t, weight, rows=2048):
-    grad_w = torch.empty_like(weight)
-    for start in range(0, h_s.shape[0], rows):
-        hs, ht = h_s[start:start + rows], h_t[start:start + rows]
-        logits_s = hs @ weight.T
-        logits_t = ht @ weight.T
-        _ = logits_s @ weight
-        if start == 0:
-            torch.mm(logits_t.T, hs, out=grad_w)
-        else:
-            grad_w.addmm_(logits_t.T, hs)
-        del logits_s, logits_t
 
 
 def ours(h_s, h_t, weight):
@@ -67,8 +54,8 @@ def main():
     floor_times, our_times = [], []
     for _ in range(args.reps):
         start = time.perf_counter()
-        with torch.no_grad():
-            floor_gemms(h_s, h_t, weight)
+        floor_step(h_s, h_t, weight, None)
+        h_s.grad = weight.grad = None
         floor_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         ours(h_s, h_t, weight)
