@@ -38,15 +38,18 @@ inline void transform_row(float* row, const float* bias, int64_t n, float scale,
   }
 }
 
+// The row's maximum and whether it holds a NaN. Two plain reductions (max, +) so that the loop
+// vectorises: a `||` reduction on a bool, or NaN tests inside the max, leave GCC with scalar code
+// (measured: the statistics pass was 27% of a D = 256 forward+backward, 10x the gradient pass).
 inline float row_max(const float* row, int64_t n) {
   float best = -std::numeric_limits<float>::infinity();
-  bool saw_nan = false;
-#pragma omp simd reduction(max : best) reduction(|| : saw_nan)
+  int32_t nans = 0;
+#pragma omp simd reduction(max : best) reduction(+ : nans)
   for (int64_t v = 0; v < n; ++v) {
     best = row[v] > best ? row[v] : best;
-    saw_nan = saw_nan || row[v] != row[v];
+    nans += row[v] != row[v];
   }
-  return saw_nan ? std::numeric_limits<float>::quiet_NaN() : best;
+  return nans ? std::numeric_limits<float>::quiet_NaN() : best;
 }
 
 // Running statistics of one row over the vocabulary blocks seen so far. Sums are relative to the
@@ -62,18 +65,12 @@ struct RowState {
 // sub-blocks of kSumSpan entries (a short fp32 sum per SIMD lane) and are added up in double.
 constexpr int64_t kSumSpan = 512;
 
-inline void accumulate_block(const float* xs, const float* xt, int64_t n, Divergence divergence, float temperature,
-                             bool need_raw, RowState& state) {
-  const float max_s = row_max(xs, n), max_t = row_max(xt, n);
-  if (max_s != max_s || max_t != max_t || max_s == INFINITY || max_t == INFINITY) {
-    state.poisoned = true;
-    return;
-  }
-  double zs = 0, cs = 0, ds = 0, zy = 0, zt = 0, dt = 0;
-  const bool reverse = divergence == kReverseKL, forward = divergence == kForwardKL;
-  const bool raw = need_raw && temperature != 1.0f;
-  // a block whose logits are all -inf (e.g. a -inf bias) adds nothing to that side
-  const float ref_s = max_s == -INFINITY ? 0.0f : max_s, ref_t = max_t == -INFINITY ? 0.0f : max_t;
+// The fp32 sums of one block relative to the references ref_s, ref_t: [zs, cs, ds, zy, zt, dt] (see
+// RowState), added to `sums` in double. One instantiation per divergence so that the SIMD loop has
+// no branches in it.
+template <bool kReverse, bool kForward, bool kRaw>
+inline void block_sums(const float* xs, const float* xt, int64_t n, float ref_s, float ref_t, float temperature,
+                       double* sums) {
   for (int64_t start = 0; start < n; start += kSumSpan) {
     const int64_t stop = std::min(n, start + kSumSpan);
     float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, dt_f = 0;
@@ -84,12 +81,36 @@ inline void accumulate_block(const float* xs, const float* xt, int64_t n, Diverg
       zs_f += es;
       cs_f += us == -INFINITY ? 0.0f : es * us;
       zt_f += et;
-      if (reverse) ds_f += es * (xs[v] - xt[v]);
-      if (forward) dt_f += et * (xt[v] - xs[v]);
-      if (raw) zy_f += fast_exp(temperature * us);
+      if (kReverse) ds_f += es * (xs[v] - xt[v]);
+      if (kForward) dt_f += et * (xt[v] - xs[v]);
+      if (kRaw) zy_f += fast_exp(temperature * us);
     }
-    zs += zs_f, cs += cs_f, ds += ds_f, zy += zy_f, zt += zt_f, dt += dt_f;
+    sums[0] += zs_f, sums[1] += cs_f, sums[2] += ds_f, sums[3] += zy_f, sums[4] += zt_f, sums[5] += dt_f;
   }
+}
+
+inline void accumulate_block(const float* xs, const float* xt, int64_t n, Divergence divergence, float temperature,
+                             bool need_raw, RowState& state) {
+  const float max_s = row_max(xs, n), max_t = row_max(xt, n);
+  if (max_s != max_s || max_t != max_t || max_s == INFINITY || max_t == INFINITY) {
+    state.poisoned = true;
+    return;
+  }
+  const bool raw = need_raw && temperature != 1.0f;
+  // a block whose logits are all -inf (e.g. a -inf bias) adds nothing to that side
+  const float ref_s = max_s == -INFINITY ? 0.0f : max_s, ref_t = max_t == -INFINITY ? 0.0f : max_t;
+  double sums[6] = {0, 0, 0, 0, 0, 0};
+  if (divergence == kReverseKL) {
+    if (raw) block_sums<true, false, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    else block_sums<true, false, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+  } else if (divergence == kForwardKL) {
+    if (raw) block_sums<false, true, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    else block_sums<false, true, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+  } else {
+    if (raw) block_sums<false, false, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    else block_sums<false, false, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+  }
+  const double zs = sums[0], cs = sums[1], ds = sums[2], zy = sums[3], zt = sums[4], dt = sums[5];
   if (max_s != -INFINITY) {
     const double block_max = max_s, merged = std::max(state.ms, block_max);
     const double old_scale = state.ms == -INFINITY ? 0.0 : std::exp(state.ms - merged);
