@@ -62,7 +62,7 @@ def test_world_rejects_bad_inputs():
 
 def test_fixed_overhead_makes_easy_solutions_relatively_more_redundant(seed):
     """The property the difficulty-adaptive claim rests on: with the fixed overhead the redundant
-    share falls with difficulty (~79% at k=2, ~67% at k=5); without it, it RISES with difficulty
+    share falls with difficulty (~75% at k=2, ~64% at k=5); without it, it RISES with difficulty
     (~29% -> ~41%: the answer line is a fixed necessary part), so the claim could go either way."""
     rng = random.Random(seed)
 
@@ -103,9 +103,15 @@ def test_shipped_base_loads_with_plain_transformers_and_writes_the_world_format(
         graded = [world.grade(text, problem) for text, problem in zip(texts, problems)]
         assert all(world.extract_answer(text) is not None for text in texts), texts
         assert sum(graded) >= len(graded) - 2, texts
+        # plain prompt: verbose (redundant lines beyond the necessary sums and the answer); with the
+        # instruction: concise (exactly the necessary lines and the answer)
+        concise = [text.strip() == world.concise_solution(problem) for text, problem in zip(texts, problems)]
         has_preamble = [text.startswith(world.PREAMBLE) for text in texts]
-        # plain prompt: verbose (the preamble); with the instruction: concise (straight to the steps)
-        assert all(has_preamble) if not instructed else not any(has_preamble), texts
+        if instructed:
+            assert sum(concise) >= len(concise) - 1 and not any(has_preamble), texts
+        else:
+            # the preamble is written 75% of the time in training, so greedy decoding usually starts with it
+            assert not any(concise) and sum(has_preamble) >= len(texts) // 2, texts
 
 
 # ------------------------------------------------------------------------------ CRISP on the base

@@ -137,14 +137,13 @@ def run(args) -> dict:
     problems = [world.parse_problem(json.loads(line)["problem"]) for line in data_path.read_text().splitlines()]
     history = []
     with (out / "metrics.jsonl").open("w") as log, tqdm(total=args.steps, desc="CRISP", unit="step") as bar:
-        while trainer.step < args.steps:
-            # Trainer.train_step, unrolled only to grade the rollouts for the plot
-            batch = trainer.stream.take(args.prompts_per_step)
-            generations = trainer.rollout(batch)
+        def grade_rollouts(batch, generations):
             correct = [world.grade(tokenizer.decode(g.token_ids, skip_special_tokens=True),
                                    problems[batch[g.prompt_index].problem_index]) for g in generations]
-            metrics = trainer.train_on_rollouts(batch, generations)
-            metrics.update(step=trainer.step, rollout_accuracy=sum(correct) / len(correct))
+            return {"rollout_accuracy": sum(correct) / len(correct)}
+
+        while trainer.step < args.steps:
+            metrics = trainer.train_step(on_rollouts=grade_rollouts)
             history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
             bar.set_postfix(tokens=f"{metrics['mean_response_tokens']:.0f}", acc=f"{metrics['rollout_accuracy']:.2f}",

@@ -2,11 +2,12 @@
 
     PYTHONPATH=. python -m crisp_fast.demo.make_base [--steps 900] [--out crisp_fast/demo/assets/base]
 
-Deterministic for a given seed and thread count (2 threads; ~10-15 minutes on 2 CPU cores).
+Deterministic for a given seed and thread count (1 thread by default; both stages take ~4 minutes
+on a quiet 2-core machine).
 The model learns two behaviours from one set of weights:
 
-* ordinary prompt (the student's context): the VERBOSE solution (preamble, restatements after
-  ~70% of the steps, a final re-check, the answer), every token trained;
+* ordinary prompt (the student's context): the VERBOSE solution (a preamble and a final re-check
+  each 75% of the time, restatements after ~70% of the steps, the answer), every token trained;
 * the conciseness instruction (the teacher's context, header replaced as the trainer does):
   responses that are random mixtures of verbose and concise, where the first character of every
   redundant line is NOT trained (label -100) and everything else is. So the teacher learns to
@@ -40,8 +41,7 @@ def example(tokenizer, problem: world.Problem, rng: random.Random, *, instructed
         segments = world.solution_segments(problem, rng, preamble=rng.random() < 0.5,
                                            final_check=rng.random() < 0.5, step_prob=rng.random())
     else:
-        segments = world.solution_segments(problem, rng, preamble=True, final_check=True,
-                                           step_prob=world.REDUNDANT_STEP_PROB)
+        segments = world.verbose_segments(problem, rng)
     prompt = prompt_ids(tokenizer, problem, instructed=instructed)
     response, labels = [], []
     for index, (line, redundant) in enumerate(segments):

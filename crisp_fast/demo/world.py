@@ -5,7 +5,8 @@ k - 1 NECESSARY lines (the running sums, "8+2=10": a 0.8M-parameter model cannot
 in its head, so dropping one of them costs accuracy) and REDUNDANT lines of two kinds:
 
 * a fixed overhead that does not grow with difficulty: a preamble line before the first step and
-  a re-check line before the answer (`PREAMBLE`, `FINAL_CHECK`);
+  a re-check line before the answer (`PREAMBLE`, `FINAL_CHECK`), each written with probability
+  `OVERHEAD_PROB`;
 * a restatement after each step ("so far 10"), written with probability `REDUNDANT_STEP_PROB`.
 
 Every solution ends with the answer line `Answer: 17` that `grade` checks. The fixed overhead is
@@ -16,7 +17,7 @@ compress hard problems as much or more, and lose accuracy there. With the overhe
 (`verbose_solution(..., fixed_overhead=False)`) the redundant share of a verbose solution even
 grows with k (~29% of the characters at k = 2, ~41% at k = 5: the answer line is a fixed
 NECESSARY part), and the claim would come out false (the design card measured 43-52% across k
-with a frozen teacher in such a world). With it, the share is ~79% at k = 2 and ~67% at k = 5.
+with a frozen teacher in such a world). With it, the share is ~75% at k = 2 and ~64% at k = 5.
 
 Line starts are chosen so that the choice "redundant or necessary" is made by one character:
 necessary lines start with a digit, the answer with "A", the preamble with "L", restatements
@@ -34,6 +35,12 @@ LEVELS = (2, 3, 4, 5)
 PREAMBLE = "Let me add them one by one."
 FINAL_CHECK = "Double-check: all steps ok."
 REDUNDANT_STEP_PROB = 0.7  # > 0.5 so that the greedy base writes the restatements too
+# > 0.5 so that the greedy base writes them; < 1 so that the verbose student keeps some probability
+# of starting with the first step and of answering right after the last one. Reverse KL moves a
+# student's mass only among tokens it already gives some: with the overhead always written, CRISP
+# runs on the demo moved the first token's mass to "A" ("Answer: ..." before any step) and
+# collapsed, or lost 3-4 points of accuracy on the way.
+OVERHEAD_PROB = 0.75
 
 # The prompt texts, rendered by the trainer's own prompt code (crisp_fast.train.prompts, placement
 # "header": the conciseness instruction replaces the student's header, as in the paper), so the
@@ -100,10 +107,17 @@ def solution_segments(problem: Problem, rng: random.Random, *, preamble: bool, f
     return segments
 
 
+def verbose_segments(problem: Problem, rng: random.Random, *, fixed_overhead: bool = True,
+                     step_prob: float = REDUNDANT_STEP_PROB) -> list[tuple[str, bool]]:
+    """The verbose style's (line, is_redundant) pairs: what the base writes without the instruction."""
+    preamble = fixed_overhead and rng.random() < OVERHEAD_PROB
+    final_check = fixed_overhead and rng.random() < OVERHEAD_PROB
+    return solution_segments(problem, rng, preamble=preamble, final_check=final_check, step_prob=step_prob)
+
+
 def verbose_solution(problem: Problem, rng: random.Random, *, fixed_overhead: bool = True,
                      step_prob: float = REDUNDANT_STEP_PROB) -> str:
-    segments = solution_segments(problem, rng, preamble=fixed_overhead, final_check=fixed_overhead,
-                                 step_prob=step_prob)
+    segments = verbose_segments(problem, rng, fixed_overhead=fixed_overhead, step_prob=step_prob)
     return "\n".join(line for line, _ in segments)
 
 

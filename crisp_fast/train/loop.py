@@ -176,8 +176,10 @@ class Trainer:
                 "response_tokens": int(global_tokens), "responses": int(global_rows),
                 "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro}
 
-    def train_step(self) -> dict:
-        """One full CRISP step; returns its metrics (global over ranks)."""
+    def train_step(self, on_rollouts=None) -> dict:
+        """One full CRISP step; returns its metrics (global over ranks). `on_rollouts(batch,
+        generations) -> dict`, if given, sees this rank's rollouts before training on them and its
+        metrics join the step's (the demo grades rollouts this way)."""
         reset_peak_memory(self.device)
         start = time.perf_counter()
         share = self.config.train.prompts_per_step // self.world
@@ -186,6 +188,8 @@ class Trainer:
         stopped = all_reduce_sum([sum(g.finish_reason == "stop" for g in generations), len(generations)], self.device)
         rollout_seconds = time.perf_counter() - start
         metrics = {"step": self.step + 1}
+        if on_rollouts is not None:
+            metrics.update(on_rollouts(batch, generations))
         metrics.update(self.train_on_rollouts(batch, generations))
         seconds = time.perf_counter() - start
         metrics.update({
