@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-reps", type=int, default=None, help="timed repetitions per point (median reported)")
     group.addoption("--bench-impls", default=None,
                     help="comma-separated substrings: only implementations whose name contains one of them")
+    group.addoption("--bench-baselines-max-tokens", type=int, default=None,
+                    help="run the baselines (naive, Liger, TRL) only up to this N; crisp_fast and the floor run every N")
     group.addoption("--bench-mem-cap-gib", type=float, default=None,
                     help="kill a CPU child above this RSS and report OOM (default: free memory - 1.5 GiB)")
 
@@ -44,6 +46,7 @@ class BenchConfig:
     reps: int
     warmup: int
     impl_filter: list[str] | None
+    baselines_max_tokens: int | None
     mem_cap_gib: float | None
     child_timeout_s: float
 
@@ -66,7 +69,7 @@ def bench_config(request) -> BenchConfig:
     elif device == "cuda":
         tokens, hidden, reps = [1024, 2048, 4096, 8192, 16384, 32768], [256, 1024, 4096], 5
     else:
-        tokens, hidden, reps = [512, 1024, 2048, 4096, 8192], [256, 1024], 3
+        tokens, hidden, reps = [512, 1024, 2048, 4096, 8192, 16384], [256, 1024], 3
     return BenchConfig(
         quick=quick, device=device,
         tokens=_ints(option("--bench-tokens")) if option("--bench-tokens") else tokens,
@@ -74,6 +77,7 @@ def bench_config(request) -> BenchConfig:
         vocab=option("--bench-vocab"),
         dtype=option("--bench-dtype") or ("bfloat16" if device == "cuda" else "float32"), reps=option("--bench-reps") or reps, warmup=1,
         impl_filter=option("--bench-impls").split(",") if option("--bench-impls") else None,
+        baselines_max_tokens=option("--bench-baselines-max-tokens"),
         mem_cap_gib=option("--bench-mem-cap-gib"),
         child_timeout_s=600.0 if quick else 4 * 3600.0,
     )

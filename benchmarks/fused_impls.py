@@ -24,8 +24,9 @@ import torch
 
 NAIVE, FLOOR = "naive", "floor:4-gemm"
 LIGER_CHUNKED, LIGER_TRITON, TRL = "liger:chunked", "liger:triton", "trl:chunked"
-# rows of the floor's GEMMs per chunk: the floor must not itself need N x V memory
-FLOOR_CHUNK_ROWS = 2048
+# the floor's GEMM schedule (see floor_step): it must not itself need N x V memory
+FLOOR_TILE_CPU = (1024, 4096)  # tokens x vocabulary rows
+FLOOR_CHUNK_ROWS_CUDA = 4096
 
 
 def implementation_names(device: str) -> list[str]:
@@ -100,21 +101,29 @@ def make_loss_fn(name: str, device: str):
 
 def floor_step(student, teacher, weight, _labels):
     """The four GEMMs no implementation can avoid: student and teacher logits, dh = g W and
-    dW = g^T h (2 N D V FLOPs each), by row chunks so the floor itself stays small in memory."""
-    tokens = student.shape[0]
-    rows = min(tokens, FLOOR_CHUNK_ROWS)
+    dW = g^T h (2 N D V FLOPs each), scheduled the way the machine runs them fastest, so that the
+    floor is its GEMM limit and not a memory-traffic artefact. On CPU that is tiles of
+    FLOOR_TILE_CPU tokens x vocabulary rows whose output stays in cache (2 threads, N = 2048,
+    V = 151,936: 325 GFLOP/s at D = 256 and 330 at D = 1024, against 266 and 321 for 2,048-token
+    chunks over the whole vocabulary, whose 1.2-5 GB outputs go through DRAM); on CUDA, whole-
+    vocabulary chunks of FLOOR_CHUNK_ROWS_CUDA tokens (few launches; the GPU keeps its own tiles)."""
+    tokens, vocab = student.shape[0], weight.shape[0]
+    rows, columns = FLOOR_TILE_CPU if weight.device.type == "cpu" else (FLOOR_CHUNK_ROWS_CUDA, vocab)
+    rows, columns = min(rows, tokens), min(columns, vocab)
     with torch.no_grad():
         w, h_s, h_t = weight.detach(), student.detach(), teacher.detach()
-        logits = torch.empty(rows, w.shape[0], device=w.device, dtype=w.dtype)
-        grad_hidden = torch.empty_like(h_s)
+        tile = torch.empty(rows, columns, device=w.device, dtype=w.dtype)
+        grad_hidden = torch.zeros_like(h_s)
         grad_weight = torch.zeros_like(w)
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)
-            chunk = logits[: stop - start]
-            torch.matmul(h_s[start:stop], w.T, out=chunk)
-            torch.matmul(h_t[start:stop], w.T, out=chunk)
-            torch.matmul(chunk, w, out=grad_hidden[start:stop])  # `chunk` stands in for g
-            grad_weight.addmm_(chunk.T, h_s[start:stop])
+            for first in range(0, vocab, columns):
+                last = min(first + columns, vocab)
+                logits = tile[: stop - start, : last - first]
+                torch.matmul(h_s[start:stop], w[first:last].T, out=logits)
+                torch.matmul(h_t[start:stop], w[first:last].T, out=logits)
+                grad_hidden[start:stop].addmm_(logits, w[first:last])  # `logits` stands in for g
+                grad_weight[first:last].addmm_(logits.T, h_s[start:stop])
     student.grad, weight.grad = grad_hidden, grad_weight
     return None
 

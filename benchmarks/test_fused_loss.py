@@ -45,6 +45,10 @@ def _selected(names, impl_filter):
     return [name for name in names if name == FLOOR or any(part in name for part in impl_filter)]
 
 
+def _is_baseline(name):
+    return name != FLOOR and not name.startswith("crisp:")
+
+
 def run_sweep(config):
     """Every (D, N, implementation) point; an implementation that ran out of memory at some N is
     not run at larger N of the same D (reported as OOM, skipped)."""
@@ -57,6 +61,8 @@ def run_sweep(config):
         for tokens in config.tokens:
             floor_time = None
             for name in names:
+                if _is_baseline(name) and config.baselines_max_tokens and tokens > config.baselines_max_tokens:
+                    continue
                 row = {"impl": name, "tokens": tokens, "hidden": hidden, "vocab": config.vocab,
                        "dtype": config.dtype,
                        "irreducible_bytes": irreducible_bytes(tokens, hidden, config.vocab, config.dtype)}

@@ -4,7 +4,7 @@ in one process (the machine is shared: medians of several repetitions).
     PYTHONPATH=. python csrc/tests/bench_native.py --n 2048 --d 256 [--vocab 151936] [--reps 3]
 
 Floor = the benchmark's floor (benchmarks/fused_impls.py: the four fp32 GEMMs of 2 N D V FLOPs,
-student logits, teacher logits, G W, G^T h, on 2048-row slices into a preallocated buffer). Peak memory is VmHWM over the inputs (reset through /proc/self/clear_refs).
+student logits, teacher logits, G W, G^T h, in cache-sized tiles). Peak memory is VmHWM over the inputs (reset through /proc/self/clear_refs).
 """
 import argparse
 import statistics
