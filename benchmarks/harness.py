@@ -160,9 +160,16 @@ def append_json(filename: str, record: dict) -> str:
     return path
 
 
-def plot_sweep(rows: list[dict], path: str, title: str) -> str | None:
+def machine_line(facts: dict) -> str:
+    """One line naming where the numbers come from, for plots: a figure travels without its JSON."""
+    where = facts["device"] if facts["device"] != "cpu" else f"CPU: {facts['cpu']}"
+    return (f"measured on {where}, {facts['torch_threads']} torch threads, torch {facts['torch']}, "
+            f"{facts['date_utc'][:10]}")
+
+
+def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> str | None:
     """Time and peak memory vs N, one line per implementation, one row of panels per hidden size;
-    the 4-GEMM floor and the irreducible memory as dashed lines."""
+    the 4-GEMM floor and the irreducible memory as dashed lines; `subtitle` says where it was measured."""
     try:
         import matplotlib
 
@@ -202,6 +209,8 @@ def plot_sweep(rows: list[dict], path: str, title: str) -> str | None:
             ax.set_title(f"{title}, D = {hidden}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
+    if subtitle:
+        figure.suptitle(subtitle, fontsize=9)
     figure.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     figure.savefig(path, dpi=110)

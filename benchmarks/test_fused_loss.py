@@ -160,7 +160,8 @@ def test_fused_reverse_kl_speed_and_memory(bench_config):
               "targets": target_lines, "disagreements": problems, "rows": rows}
     path = harness.append_json("fused_loss.json", record)
     plot = harness.plot_sweep(rows, os.path.join(harness.RESULTS_DIR, f"fused_loss_{config.device}.png"),
-                              f"fused reverse KL fwd+bwd, V={config.vocab}")
+                              f"fused reverse KL fwd+bwd, V={config.vocab}, {config.dtype}",
+                              subtitle=harness.machine_line(facts))
     print(f"rows appended to {path}" + (f"; plot {plot}" if plot else ""))
 
     errors = [f"{row['impl']} N={row['tokens']} D={row['hidden']}: {row['status']} {row.get('error', '')}"
