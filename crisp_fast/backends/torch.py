@@ -298,10 +298,11 @@ def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, stu
         # every pass below reads rows x V floats from memory: the loop does as few as it can
         if temperature != 1.0:
             xt /= temperature
-        xs = torch.div(ys, temperature, out=scratch) if temperature != 1.0 else scratch.copy_(ys)
+        # at T = 1 the tempered student logits are ys itself: no copy into scratch
+        xs = torch.div(ys, temperature, out=scratch) if temperature != 1.0 else ys
         lse_s, lse_t = _logsumexp_rows(xs), _logsumexp_rows(xt)
         block[:, STUDENT_LSE], block[:, TEACHER_LSE] = lse_s, lse_t
-        log_p = xs.sub_(lse_s[:, None])                # scratch <- log p
+        log_p = torch.sub(xs, lse_s[:, None], out=scratch)  # scratch <- log p
         # xt <- log p - log q; subtracting lse_t here, not from the row sum, keeps the KL free of
         # cancellation (KL - lse_t in fp32 measured 8e-5 relative error)
         d = torch.sub(log_p, xt, out=xt).add_(lse_t[:, None])
