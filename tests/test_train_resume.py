@@ -90,3 +90,104 @@ def test_kill_during_training_and_during_save_then_resume(tmp_path, seed):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "reference/hf")
     for (name, theirs), ours in zip(exported.named_parameters(), reference.model.parameters()):
         assert torch.equal(theirs, ours.detach()), name
+
+
+# ------------------------------------------------------------------------ kill-and-corrupt matrix
+MATRIX = ["train.steps=3", "checkpoint.every=1", "checkpoint.keep=3", "checkpoint.resume=auto",
+          "rollout.max_new_tokens=6", "rollout.n=1", "train.teacher_refresh_every=2"]
+
+
+def _flip_bytes(path, count=32):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for index in range(middle, min(middle + count, len(data))):
+        data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_checkpoints_and_torn_metrics_resume_from_what_is_sound(tmp_path, seed, capfd):
+    """Each damage to the latest checkpoint (step 2) is named and the run falls back to step 1;
+    each resumed run ends with the metrics of an uninterrupted one. Damage to every checkpoint,
+    or to one named explicitly, is a clear error. ~20 s on 2 busy CPU cores."""
+    import shutil
+
+    from crisp_fast.train.checkpoint import CheckpointError
+
+    data = write_problems(tmp_path / "problems.jsonl", count=6, seed=seed)
+    train(tiny_config(data, tmp_path / "reference", MATRIX))
+    expected = comparable(tmp_path / "reference/metrics.jsonl")
+    base = tmp_path / "base"
+    train(tiny_config(data, base, MATRIX + ["train.steps=2"]))
+    assert [p.name for p in ckpt.complete_checkpoints(base / "checkpoints")] == ["step_00000001", "step_00000002"]
+    latest = base / "checkpoints/step_00000002"
+    names = {p.name for p in latest.iterdir()}
+    # the trainer's own state is JSON and safetensors; only DCP's files are torch's
+    assert names == {".metadata", "__0_0.distcp", "trainer_rank0.json", "rng_rank0.safetensors", "manifest.json"}
+    capfd.readouterr()
+
+    def resumed(name, damage, expect_messages):
+        run = tmp_path / name
+        shutil.copytree(base, run)
+        damage(run)
+        train(tiny_config(data, run, MATRIX))
+        err = capfd.readouterr().err
+        for message in expect_messages:
+            assert message in err, (name, err)
+        assert comparable(run / "metrics.jsonl") == expected, name
+        return err
+
+    step2 = "checkpoints/step_00000002"
+    fallback = "falling back to the previous checkpoint"
+    resumed("truncated", lambda run: _truncate(run / step2 / "trainer_rank0.json"),
+            [f"{step2}: trainer_rank0.json is", "truncated", fallback, "step_00000002"])
+    resumed("flipped", lambda run: _flip_bytes(run / step2 / "__0_0.distcp"),
+            ["__0_0.distcp does not match its sha256", fallback])
+    resumed("flipped_metadata", lambda run: _flip_bytes(run / step2 / ".metadata", 4),
+            [".metadata does not match its sha256", fallback])
+    resumed("no_manifest", lambda run: (run / step2 / "manifest.json").unlink(), ["no manifest.json", fallback])
+    resumed("missing_file", lambda run: (run / step2 / "rng_rank0.safetensors").unlink(),
+            ["rng_rank0.safetensors is missing", fallback])
+
+    def half_saved(run):  # a kill mid-save leaves a .partial folder; it is never loaded
+        shutil.copytree(run / step2, run / "checkpoints/step_00000003.partial")
+        _flip_bytes(run / "checkpoints/step_00000003.partial/__0_0.distcp")
+
+    resumed("partial", half_saved, ["ignoring", "step_00000003.partial"])
+
+    def torn(run):
+        with (run / "metrics.jsonl").open("a") as handle:
+            handle.write('{"step": 3, "loss": 0.12')  # killed mid-append
+    err = resumed("torn", torn, ["metrics.jsonl:3: dropped a torn last line"])
+    assert fallback not in err
+
+    # every checkpoint damaged: an error, never a silent fresh start over the old run's files
+    run = tmp_path / "all_bad"
+    shutil.copytree(base, run)
+    for path in ckpt.checkpoint_dirs(run / "checkpoints"):
+        _flip_bytes(path / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*all 2 failed verification"):
+        train(tiny_config(data, run, MATRIX))
+    # a checkpoint named explicitly is loaded or refused, with no fallback
+    with pytest.raises(CheckpointError, match=r"step_00000002: __0_0.distcp does not match"):
+        train(tiny_config(data, run, MATRIX + [f"checkpoint.resume={run / step2}"]))
+    # a bad line that is not the last is not a torn append: an error naming file:line
+    run = tmp_path / "bad_middle"
+    shutil.copytree(base, run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("{oops\n" + "\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a metrics line"):
+        train(tiny_config(data, run, MATRIX))
+
+
+def test_no_pickle_of_ours_is_ever_loaded():
+    """The trainer's checkpoint state is JSON and safetensors; `torch.load(weights_only=False)`
+    (which runs code from a crafted file) appears nowhere in the package or the tests."""
+    unsafe = "weights_only=" + "False"
+    for root in ("crisp_fast", "tests", "benchmarks"):
+        for path in (REPO / root).rglob("*.py"):
+            assert unsafe not in path.read_text(), path

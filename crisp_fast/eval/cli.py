@@ -64,6 +64,8 @@ def eval_parser() -> argparse.ArgumentParser:
     for name in ("problem", "answer", "id", "subset", "level"):
         parser.add_argument(f"--{name}-field", default=None, help=f"row field holding the {name}")
     parser.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (off by default: never asked interactively)")
     parser.add_argument("--device", default=None, help="HF engine device (default: cuda if present)")
     parser.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM memory share")
@@ -102,7 +104,7 @@ def eval_main(argv: list[str]) -> int:
     label = args.label or model_label(args.model)
     out = args.out or os.path.join("eval_runs", label)
     model, tokenizer, engine = load_model(args.model, args.engine, args.dtype, args.device, args.max_model_len,
-                                          args.gpu_memory_utilization)
+                                          args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
     for name, problems in datasets:
         run_dir = out if len(datasets) == 1 else os.path.join(out, name)
         samples_path = os.path.join(run_dir, "samples.jsonl")

@@ -75,19 +75,21 @@ def read_jsonl(path: str):
     except OSError as error:
         raise DataError(f"{path}: cannot read: {error.strerror or error}") from error
     with handle:
-        try:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") from error
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
-                yield line_number, row
-        except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+        for line_number, raw in enumerate(handle.buffer, start=1):  # bytes: a bad byte's error names its line
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text ({error.reason}: byte 0x{raw[error.start]:02x} "
+                                f"at column {error.start + 1})") from error
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({error.msg} at column {error.colno})") from error
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(row).__name__}")
+            yield line_number, row
 
 
 def _pick(row: dict, explicit: str | None, candidates: tuple[str, ...], what: str, where: str, required: bool):
@@ -159,14 +161,16 @@ def _rows_from_file(path: str):
         return [(f"{path}: row {index + 1}", row) for index, row in enumerate(table.to_pylist())]
     if lower.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            with open(path, "rb") as handle:
+                raw = handle.read()
+            data = json.loads(raw.decode("utf-8"))
         except OSError as error:
             raise DataError(f"{path}: cannot read: {error.strerror or error}") from error
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
         except UnicodeDecodeError as error:
-            raise DataError(f"{path}: not UTF-8 text ({error.reason})") from error
+            line = raw[:error.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text ({error.reason})") from error
         if isinstance(data, dict):
             data = next((value for value in data.values() if isinstance(value, list)), None)
         if not isinstance(data, list):

@@ -110,18 +110,24 @@ def sample_row(problem: Problem, sample_index: int, response: str, token_ids: li
 
 
 def evaluate(model, tokenizer, problems: list[Problem], config: EvalConfig = EvalConfig(), *,
-             engine=None, progress: bool = True, on_rows=None) -> list[dict]:
+             engine=None, progress: bool = True, on_rows=None, prompt_ids: list[list[int]] | None = None,
+             grader=None) -> list[dict]:
     """Generate `config.samples` responses per problem and grade them; one row per sample, in
     problem order then sample order. `engine` defaults to the shared HF engine around `model`.
     `on_rows(rows)` is called after each engine call with its graded rows (e.g. to write them
-    out as they come: a long run that dies keeps what it finished)."""
+    out as they come: a long run that dies keeps what it finished). `prompt_ids` (one per
+    problem) replaces the template (the trainer passes its own prompts); `grader(responses,
+    problems) -> list[bool]` replaces the math grader (a task with its own checker)."""
     from tqdm.auto import tqdm
 
     if engine is None:
         from crisp_fast.generation import make_engine
 
         engine = make_engine("hf", model, tokenizer)
-    prompts = [build_prompt_ids(tokenizer, p.problem, config.prompt_template, config.chat_template) for p in problems]
+    if prompt_ids is not None and len(prompt_ids) != len(problems):
+        raise ValueError(f"prompt_ids has {len(prompt_ids)} prompts for {len(problems)} problems")
+    prompts = prompt_ids if prompt_ids is not None else [
+        build_prompt_ids(tokenizer, p.problem, config.prompt_template, config.chat_template) for p in problems]
     rows: list[dict] = []
     with tqdm(total=len(problems), desc="eval", unit="problem", disable=not progress) as bar:
         for start in range(0, len(problems), config.problems_per_call):
@@ -132,7 +138,11 @@ def evaluate(model, tokenizer, problems: list[Problem], config: EvalConfig = Eva
             generations = sorted(generations, key=lambda g: (g.prompt_index, g.sample_index))
             responses = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
             references = [problems[chunk[g.prompt_index]].answers for g in generations]
-            grades = grade_many(zip(responses, references), config.grade_timeout_s, config.grade_workers)
+            if grader is None:
+                grades = grade_many(zip(responses, references), config.grade_timeout_s, config.grade_workers)
+            else:
+                verdicts = grader(responses, [problems[chunk[g.prompt_index]] for g in generations])
+                grades = [GradeResult(bool(v), None, None, False, False) for v in verdicts]
             new_rows = [sample_row(problems[chunk[generation.prompt_index]], generation.sample_index, response,
                                    list(generation.token_ids), generation.finish_reason, grade)
                         for generation, response, grade in zip(generations, responses, grades)]
@@ -160,14 +170,16 @@ def quick_eval(model, tokenizer, problems: list[Problem], *, samples: int = 1, m
 
 
 def load_model(model_path: str, engine_name: str = "hf", dtype: str = "auto", device: str | None = None,
-               max_model_len: int | None = None, gpu_memory_utilization: float = 0.85):
-    """(model or a stand-in, tokenizer, engine) for `model_path` (a local folder or a hub name)."""
+               max_model_len: int | None = None, gpu_memory_utilization: float = 0.85, *,
+               trust_remote_code: bool = False):
+    """(model or a stand-in, tokenizer, engine) for `model_path` (a local folder or a hub name).
+    `trust_remote_code` is passed to every loader: a repository's own Python runs only when asked."""
     import torch
     from transformers import AutoTokenizer
 
     from crisp_fast.generation import make_engine
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     if engine_name == "vllm":
         # vLLM loads the weights itself; the engine only needs the EOS ids from the generation config
         from types import SimpleNamespace
@@ -175,18 +187,18 @@ def load_model(model_path: str, engine_name: str = "hf", dtype: str = "auto", de
         from transformers import GenerationConfig
 
         try:
-            generation_config = GenerationConfig.from_pretrained(model_path)
+            generation_config = GenerationConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         except OSError:
             generation_config = None
         stand_in = SimpleNamespace(generation_config=generation_config, name_or_path=model_path)
         engine = make_engine("vllm", stand_in, tokenizer, model_path=model_path, sleep=False,
                              gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                             dtype="bfloat16" if dtype == "auto" else dtype)
+                             dtype="bfloat16" if dtype == "auto" else dtype, trust_remote_code=trust_remote_code)
         return stand_in, tokenizer, engine
     from transformers import AutoModelForCausalLM
 
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return model, tokenizer, make_engine("hf", model, tokenizer)

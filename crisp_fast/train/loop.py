@@ -9,12 +9,15 @@ One step (`Trainer.train_step`):
   2. sample responses from the student; keep the exact sampled ids
   3. per micro-batch: teacher pass (snapshot swapped in, no grad) -> teacher hidden states;
      student pass (grad) -> fused reverse KL on the hidden states with the lm_head weight
-  4. backward, clip the gradient norm, skip the step if it is not finite, AdamW
+  4. backward, clip the gradient norm, skip the step if it is not finite, AdamW, LR schedule
   5. refresh the teacher snapshot every `teacher_refresh_every` steps
+Around it: grading of the rollouts (when problems carry answers) and samples (grading.py),
+validation and the best checkpoint (validation.py), verified checkpoints (checkpoint.py).
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +28,21 @@ from crisp_fast.generation import Generation, SamplingConfig, make_engine
 from crisp_fast.train import checkpoint as ckpt
 from crisp_fast.train.batching import plan_micro_batches, side_inputs
 from crisp_fast.train.config import Config, to_dict
-from crisp_fast.train.data import PromptPair, ProblemStream, encode_problems, read_problems
+from crisp_fast.train.data import (
+    PromptPair, ProblemStream, check_problem_field, encode_problems, has_answers, read_records,
+)
 from crisp_fast.train.fsdp import (
     all_reduce_max, all_reduce_sum, enable_activation_checkpointing, reshard_all, root_gathered,
     setup_distributed, wrap,
 )
+from crisp_fast.train.grading import MathGrader, grade_rollouts, write_samples
 from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_peak_memory
-from crisp_fast.train.modeling import CrispModel, load_model, load_tokenizer
-from crisp_fast.train.prompts import build_prompts, check_instruction_fits, prompt_texts
+from crisp_fast.train.modeling import CrispModel, load_model, load_tokenizer, tokenizer_source
+from crisp_fast.train.prompts import build_prompts, check_instruction_fits, check_tokenizer, prompt_texts
+from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_loss_backend
+from crisp_fast.train.schedule import make_scheduler, restore_scheduler, scheduler_state
 from crisp_fast.train.teacher import TeacherSnapshot
+from crisp_fast.train.validation import Validator
 
 
 @dataclass
@@ -46,7 +55,10 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: Config, out_dir: str | Path | None = None):
+    """`grader(responses, records) -> list[bool]` replaces the math grader of the rollouts (and
+    of validation); by default rollouts are graded when every problem has `data.answer_field`."""
+
+    def __init__(self, config: Config, out_dir: str | Path | None = None, *, grader=None):
         self.config = config
         self.out_dir = Path(out_dir or config.out)
         self.rank, self.world, self.device = setup_distributed()
@@ -54,23 +66,42 @@ class Trainer:
         if cfg_t.prompts_per_step % self.world:
             raise ValueError(f"train.prompts_per_step={cfg_t.prompts_per_step} must divide by the world size {self.world}")
 
-        # prompts first: a bad instruction length fails before the model is loaded
+        # prompts and data first: a bad template or data line fails before the model is loaded
         self.tokenizer = load_tokenizer(cfg_m)
-        self.texts = prompt_texts(config.prompts)
+        self.texts = prompt_texts(config.prompts, config.data.field)
+        check_tokenizer(self.tokenizer, self.texts, tokenizer_source(cfg_m))
         check_instruction_fits(self.tokenizer, self.texts, config.data.max_prompt_tokens, config.prompts.enable_thinking)
-        problems = read_problems(config.data.path, config.data.field, config.data.format)
-        pairs, self.skipped_prompts = encode_problems(
-            problems, lambda p: build_prompts(self.tokenizer, p, self.texts, config.prompts.enable_thinking),
-            config.data.max_prompt_tokens)
+        records = read_records(config.data.path, config.data.format)
+        if config.prompts.template == "chat":
+            check_problem_field(records, config.data.field)
+        self.records = [record for _, record in records]
+        if grader is None and has_answers(records, config.data.answer_field):
+            grader = MathGrader(config.data.answer_field)
+        self.grader = grader
+
+        def encode(problem):
+            return build_prompts(self.tokenizer, problem, self.texts, config.prompts.enable_thinking)
+
+        pairs, self.skipped_prompts = encode_problems(self.records, encode, config.data.max_prompt_tokens,
+                                                      [where for where, _ in records])
         self.stream = ProblemStream(pairs, seed=cfg_t.seed, shuffle=config.data.shuffle)
+        custom = grader if not isinstance(grader, MathGrader) else None
+        self.validator = (Validator(config, encode, custom, self.rank, self.world, self.device)
+                          if config.eval.every else None)
+        self.loss_backend = resolve_loss_backend(cfg_t.loss_backend, self.device, getattr(torch, cfg_m.dtype))
 
         lm = load_model(cfg_m, self.tokenizer, self.device)
+        check_vocabulary(lm, self.tokenizer, tokenizer_source(cfg_m))
+        self.threads = choose_threads(cfg_t.threads, self.device, sum(p.numel() for p in lm.parameters()))
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         checkpointing = cfg_m.activation_checkpointing
         if checkpointing == "on" or (checkpointing == "auto" and config.rollout.max_new_tokens >= 1024):
             enable_activation_checkpointing(lm)
         self.model = wrap(CrispModel(lm), self.device, cfg_m.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg_t.lr, betas=tuple(cfg_t.betas),
                                            weight_decay=cfg_t.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg_t.lr_schedule, cfg_t.warmup_steps, cfg_t.steps)
         self.teacher = TeacherSnapshot(self.model, cfg_t.teacher_refresh_every,
                                        device=cfg_t.teacher_snapshot_device, dtype=cfg_t.teacher_snapshot_dtype)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -83,7 +114,8 @@ class Trainer:
             r = self.config.rollout
             if r.engine == "vllm":
                 self.engine = make_engine("vllm", self.model.lm, self.tokenizer, model_path=self.config.model.source,
-                                          gpu_memory_utilization=r.vllm_gpu_memory_utilization)
+                                          gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                                          trust_remote_code=self.config.model.trust_remote_code)
                 self.engine.push_weights(self.model.lm)
             else:
                 self.engine = make_engine("hf", self.model.lm, self.tokenizer, max_batch_tokens=r.max_batch_tokens)
@@ -163,6 +195,7 @@ class Trainer:
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
+        self.scheduler.step()  # the schedule follows the step count, skipped steps included
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         refreshed = self.teacher.maybe_refresh(self.step)
@@ -176,11 +209,34 @@ class Trainer:
                 "response_tokens": int(global_tokens), "responses": int(global_rows),
                 "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro}
 
+    def grade_and_sample(self, batch: list[PromptPair], generations: list[Generation]) -> dict:
+        """Grade this step's rollouts (accuracy, lengths of correct and wrong responses) and, every
+        `log.samples_every` steps, write them to OUT/samples/. Collective under torchrun."""
+        step, every = self.step + 1, self.config.log.samples_every
+        sampling = every > 0 and step % every == 0
+        if self.grader is None and not sampling:
+            return {}
+        responses = [self.tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations]
+        records = [self.records[batch[g.prompt_index].problem_index] for g in generations]
+        lengths = [len(g.token_ids) for g in generations]
+        metrics, verdicts = {}, [None] * len(generations)
+        if self.grader is not None:
+            metrics, verdicts = grade_rollouts(self.grader, responses, records, lengths, self.device)
+        if sampling:
+            answer_field = self.config.data.answer_field
+            rows = [{"step": step, "rank": self.rank, "prompt": self.tokenizer.decode(batch[g.prompt_index].student_ids),
+                     "response": response, "answer": record.get(answer_field), "correct": verdict, "length": length,
+                     "finish_reason": g.finish_reason}
+                    for g, response, record, verdict, length in zip(generations, responses, records, verdicts, lengths)]
+            write_samples(self.out_dir, step, rows, self.rank)
+        return metrics
+
     def train_step(self, on_rollouts=None) -> dict:
         """One full CRISP step; returns its metrics (global over ranks). `on_rollouts(batch,
         generations) -> dict`, if given, sees this rank's rollouts before training on them and its
-        metrics join the step's (the demo grades rollouts this way)."""
+        metrics join the step's."""
         reset_peak_memory(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         start = time.perf_counter()
         share = self.config.train.prompts_per_step // self.world
         batch = self.stream.take(self.config.train.prompts_per_step)[self.rank * share:(self.rank + 1) * share]
@@ -188,6 +244,7 @@ class Trainer:
         stopped = all_reduce_sum([sum(g.finish_reason == "stop" for g in generations), len(generations)], self.device)
         rollout_seconds = time.perf_counter() - start
         metrics = {"step": self.step + 1}
+        metrics.update(self.grade_and_sample(batch, generations))
         if on_rollouts is not None:
             metrics.update(on_rollouts(batch, generations))
         metrics.update(self.train_on_rollouts(batch, generations))
@@ -198,54 +255,97 @@ class Trainer:
             "tokens_per_second": metrics["response_tokens"] / seconds,
             "train_tokens_per_second": metrics["response_tokens"] / max(seconds - rollout_seconds, 1e-9),
             "peak_memory_bytes": peak_memory_bytes(self.device),
-            "teacher_snapshot_bytes": self.teacher.bytes(), "lr": self.config.train.lr,
+            "teacher_snapshot_bytes": self.teacher.bytes(), "lr": lr, "loss_backend": self.loss_backend,
         })
         return metrics
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        return ckpt.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.teacher,
-                         self.stream.position, self.config.checkpoint.keep)
+    def _trainer_state(self) -> dict:
+        return {"scheduler": scheduler_state(self.scheduler),
+                "validation": self.validator.state() if self.validator is not None else None}
+
+    def save_checkpoint(self, root: Path | None = None, keep: int | None = None) -> Path:
+        return ckpt.save(root or self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.teacher,
+                         self.stream.position, keep or self.config.checkpoint.keep, self._trainer_state())
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, file=sys.stderr, flush=True)
+
+    def _latest_usable(self, root: Path) -> Path | None:
+        """The newest checkpoint under `root` that verifies; each one that does not is named,
+        with why, and the previous one is tried."""
+        for partial in sorted(root.glob("step_*.partial")) if root.is_dir() else []:
+            self._say(f"crisp: ignoring {partial}: a save that did not finish")
+        candidates = ckpt.checkpoint_dirs(root)
+        for candidate in reversed(candidates):
+            problem = ckpt.verify(candidate)
+            if problem is None:
+                return candidate
+            self._say(f"crisp: {problem}; falling back to the previous checkpoint")
+        if candidates:
+            raise ckpt.CheckpointError(f"no usable checkpoint in {root} (all {len(candidates)} failed verification, "
+                                       f"see above); move them away, or set checkpoint.resume=never to start afresh")
+        return None
 
     def maybe_resume(self) -> Path | None:
         resume = self.config.checkpoint.resume
         if resume == "never":
             return None
         if resume == "auto":
-            found = ckpt.complete_checkpoints(self.out_dir / "checkpoints")
-            if not found:
+            path = self._latest_usable(self.out_dir / "checkpoints")
+            if path is None:
                 return None
-            path = found[-1]
+            extra = ckpt.load(path, self.model, self.optimizer, self.teacher, verified=True)
         else:
             path = Path(resume)
-        extra = ckpt.load(path, self.model, self.optimizer, self.teacher)
+            if not path.is_dir():
+                raise ckpt.CheckpointError(f"checkpoint.resume={resume}: no such checkpoint folder")
+            extra = ckpt.load(path, self.model, self.optimizer, self.teacher)
         self.step, self.stream.position = extra["step"], extra["data_position"]
+        state = extra.get("trainer") or {}
+        restore_scheduler(self.scheduler, state.get("scheduler") or {"last_epoch": self.step, "step_count": self.step + 1})
+        if self.validator is not None and state.get("validation"):
+            self.validator.restore(state["validation"])
         return path
 
     def export(self, path: str | Path | None = None) -> Path:
         return ckpt.export_hf(Path(path or self.out_dir / "hf"), self.model, self.tokenizer)
 
     # ------------------------------------------------------------------------------------- run
+    def validate(self) -> dict:
+        with root_gathered(self.model):
+            return self.validator.run(self.model.lm, self.tokenizer, self._rollout_engine())
+
     def run(self) -> TrainResult:
         c = self.config
         resumed = self.maybe_resume()
         logger = MetricsLogger(self.out_dir, enabled=self.rank == 0, total_steps=c.train.steps, start_step=self.step,
                                tensorboard=c.log.tensorboard, wandb=c.log.wandb, wandb_project=c.log.wandb_project,
-                               progress=c.log.progress, config=to_dict(c))
-        if self.rank == 0 and resumed:
-            print(f"crisp: resumed from {resumed} at step {self.step}")
-        if self.rank == 0 and self.skipped_prompts:
-            print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
+                               progress=c.log.progress, config=to_dict(c), print_every=c.log.print_every)
+        if self.rank == 0:
+            if resumed:
+                print(f"crisp: resumed from {resumed} at step {self.step}")
+            if self.skipped_prompts:
+                print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
+            threads = f"{self.threads} (train.threads={c.train.threads})" if self.threads else "torch's default"
+            print(f"crisp: loss backend {self.loss_backend}; torch threads {threads}; "
+                  f"{'grading rollouts' if self.grader is not None else 'no answers to grade against'}", flush=True)
         try:
             while self.step < c.train.steps:
                 metrics = self.train_step()
                 if metrics["skipped"] and self.rank == 0:
                     print(f"crisp: step {metrics['step']}: gradient norm {metrics['grad_norm']} is not finite; step skipped")
+                if self.validator is not None and self.validator.due(self.step, c.train.steps):
+                    metrics.update(self.validate())
                 logger.log(metrics)
-                if c.checkpoint.every and self.step % c.checkpoint.every == 0 and self.step < c.train.steps:
+                if self.validator is not None and self.validator.is_best(metrics, self.step):
+                    best = self.save_checkpoint(self.out_dir / "best", keep=1)
+                    if self.rank == 0:
+                        print(f"crisp: step {self.step}: best eval_score so far ({c.eval.best_metric}) "
+                              f"{metrics['eval_score']:.4g} -> {best}", flush=True)
+                if (c.checkpoint.every and self.step % c.checkpoint.every == 0) or self.step == c.train.steps:
                     self.save_checkpoint()
-            if c.checkpoint.every:
-                self.save_checkpoint()
             if c.checkpoint.export_hf:
                 self.export()
         finally:

@@ -6,6 +6,7 @@ Many GPUs:     torchrun --nproc-per-node 8 -m crisp_fast.train --config configs/
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from crisp_fast.train.config import ConfigError, load_config
@@ -19,12 +20,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="load the latest checkpoint in --out and export HF safetensors, without training")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=10")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"out={args.out}"] if args.out else [])
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, list(args.overrides))
+        if args.out is not None:  # a folder name, taken literally (never YAML: "010" is not 8)
+            if not args.out:
+                raise ConfigError("--out must name the output folder")
+            config = dataclasses.replace(config, out=args.out)
     except (ConfigError, ValueError) as error:
         print(f"crisp-fast train: {error}", file=sys.stderr)
         return 2
+    from crisp_fast.train.checkpoint import CheckpointError
     from crisp_fast.train.data import DataError
     from crisp_fast.train.loop import Trainer
 
@@ -37,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported to {trainer.export()}")
             return 0
         result = trainer.run()
-    except (DataError, ValueError) as error:
+    except (DataError, CheckpointError, ValueError) as error:
         print(f"crisp-fast train: {error}", file=sys.stderr)
         return 2
     if trainer.rank == 0 and result.history:

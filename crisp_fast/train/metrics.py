@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -30,15 +31,56 @@ def _clean(value):
     return value
 
 
+def _format(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# what a printed line (and the progress bar) shows, when the step has it
+SHOWN = ("loss", "kl", "mean_response_tokens", "accuracy", "grad_norm", "lr", "eval_accuracy", "eval_mean_tokens")
+
+
+def read_kept_lines(path: Path, start_step: int) -> list[str]:
+    """The lines of a metrics file up to `start_step` (a resumed run redoes the rest). A torn last
+    line (a kill or a full disk mid-append) is dropped with a message; a bad line elsewhere is an
+    error naming file:line."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError) as error:
+            if number == len(lines):
+                print(f"crisp: {path}:{number}: dropped a torn last line ({len(raw)} bytes, {error.__class__.__name__}): "
+                      f"the run was stopped while writing it", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}:{number}: not a metrics line ({error}); fix or remove the file to resume") from None
+        if row.get("step", 0) <= start_step:
+            kept.append(raw.decode("utf-8"))
+    return kept
+
+
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a logger that does nothing."""
+    """Rank 0 writes; other ranks hold a logger that does nothing. `progress`: a tqdm bar whose
+    figures are refreshed every `print_every` steps; without it, one printed line every
+    `print_every` steps (0: neither)."""
 
     def __init__(self, out_dir: Path | None, *, enabled: bool, total_steps: int, start_step: int = 0,
                  tensorboard: str = "auto", wandb: bool = False, wandb_project: str = "crisp-fast",
-                 progress: bool = True, config: dict | None = None):
+                 progress: bool = True, config: dict | None = None, print_every: int = 1):
         self.enabled = enabled and out_dir is not None
         self.history: list[dict] = []
         self.writer = self.wandb = self.bar = None
+        self.total_steps, self.print_every, self.progress = total_steps, print_every, progress
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -46,9 +88,10 @@ class MetricsLogger:
         if start_step == 0 and self.path.exists():
             self.path.unlink()
         elif self.path.exists():  # resumed: drop lines past the checkpoint, they will be redone
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = read_kept_lines(self.path, start_step)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(line + "\n" for line in kept))
+            os.replace(temporary, self.path)  # a kill during the rewrite keeps the old file
         if tensorboard != "off":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -82,9 +125,15 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{key}", value, step)
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
+        due = self.print_every > 0 and (step % self.print_every == 0 or step == self.total_steps)
+        shown = {key: metrics[key] for key in SHOWN if key in metrics and metrics[key] is not None}
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4g}", len=f"{metrics['mean_response_tokens']:.0f}")
+            if due:
+                self.bar.set_postfix({key: _format(value) for key, value in shown.items()})
+        elif due:
+            figures = " ".join(f"{key}={_format(value)}" for key, value in shown.items())
+            print(f"crisp: step {step}/{self.total_steps} {figures}", flush=True)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -39,16 +39,21 @@ def tiny_char_tokenizer():
     return tokenizer
 
 
+def tokenizer_source(model_config) -> str:
+    """Where the tokenizer comes from: `model.tokenizer`, else the model's own folder (the
+    built-in tiny-char tokenizer for a model built from a config)."""
+    if model_config.tokenizer:
+        return model_config.tokenizer
+    return "tiny-char" if model_config.source == "build" else model_config.source
+
+
 def load_tokenizer(model_config):
-    if model_config.tokenizer == "tiny-char":
+    source = tokenizer_source(model_config)
+    if source == "tiny-char":
         return tiny_char_tokenizer()
     from transformers import AutoTokenizer
 
-    source = model_config.tokenizer or model_config.source
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.chat_template is None:
-        raise ValueError(f"tokenizer {source!r} has no chat template; CRISP prompts are chat messages")
-    return tokenizer
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=model_config.trust_remote_code)
 
 
 def attention_implementation(requested: str, device: torch.device) -> str:
@@ -78,7 +83,8 @@ def load_model(model_config, tokenizer, device: torch.device):
             torch.manual_seed(model_config.seed)
             model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_config.source, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(model_config.source, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=model_config.trust_remote_code)
     if device.type == "cuda" and model_config.liger != "off":
         _apply_liger(model, required=model_config.liger == "on")
     return model
