@@ -8,7 +8,8 @@
 2. evaluates it on held-out problems at every difficulty (greedy, `GENERATION_BUDGET` new tokens);
 3. runs CRISP with the project's trainer (`crisp_fast.train.Trainer`: the trainer's prompts and
    chat template, rollouts, teacher snapshot every M steps, the fused reverse KL from hidden
-   states, AdamW), grading each step's rollouts on the side for the plot;
+   states, AdamW), the trainer grading each step's rollouts with the world's own checker
+   (`world.grade`, passed as the trainer's grader) for the plot;
 4. evaluates the trained model the same way and prints a paper-like table; writes
    DIR/summary.json, DIR/demo.png, DIR/metrics.jsonl and the trained model (DIR/train/hf).
 """
@@ -45,11 +46,16 @@ def demo_config(out: pathlib.Path, data_path: pathlib.Path, args) -> "Config":
         "train": {"steps": args.steps, "prompts_per_step": args.prompts_per_step, "micro_batch_tokens": 8192,
                   "lr": args.lr, "betas": [0.9, 0.999], "weight_decay": 0.01, "grad_clip": 1.0,
                   "teacher_refresh_every": args.teacher_refresh_every, "loss_backend": args.loss_backend,
-                  "seed": args.seed, "log_teacher_entropy": True},
+                  "seed": args.seed, "log_teacher_entropy": True, "threads": args.threads},
         "checkpoint": {"every": 0, "resume": "never", "export_hf": True},
         "log": {"tensorboard": "off", "progress": False},
     }
     return load_config(None, [], base=base)
+
+
+def world_grader(responses: list[str], records: list[dict]) -> list[bool]:
+    """The trainer's grader for the demo: the world's exact `Answer: N` last line."""
+    return [world.grade(response, int(record["answer"])) for response, record in zip(responses, records)]
 
 
 def reduction(base_tokens: float, crisp_tokens: float) -> float:
@@ -89,7 +95,7 @@ def plot(path: pathlib.Path, history: list[dict], result: dict, title: str) -> N
     axes[0].plot(steps, [h["mean_response_tokens"] for h in history], label="rollout mean tokens")
     axes[0].set_xlabel("CRISP step"), axes[0].set_ylabel("tokens"), axes[0].set_title("response length (rollouts, T=1)")
     twin = axes[0].twinx()
-    twin.plot(steps, [100 * h["rollout_accuracy"] for h in history], color="tab:green", label="rollout accuracy")
+    twin.plot(steps, [100 * h["accuracy"] for h in history], color="tab:green", label="rollout accuracy")
     twin.set_ylabel("accuracy %"), twin.set_ylim(0, 105)
     axes[1].plot(steps, [h["kl"] for h in history], label="KL (mean per token)")
     axes[1].plot(steps, [h["student_entropy"] for h in history], label="student entropy")
@@ -124,7 +130,7 @@ def run(args) -> dict:
     data_path = out / "train_problems.jsonl"
     with data_path.open("w") as handle:
         for problem in world.problem_set(TRAIN_SEED + args.seed, per_level=250):
-            handle.write(json.dumps({"problem": problem.text}) + "\n")
+            handle.write(json.dumps({"problem": problem.text, "answer": problem.answer}) + "\n")
     held_out = world.problem_set(HELD_OUT_SEED + args.seed, per_level=args.eval_per_level)
     eval_kwargs = dict(max_new_tokens=GENERATION_BUDGET, temperature=args.eval_temperature, seed=args.seed)
 
@@ -133,20 +139,14 @@ def run(args) -> dict:
     base_report = evaluate(base_model, tokenizer, held_out, **eval_kwargs)
     del base_model
 
-    trainer = Trainer(demo_config(out / "train", data_path, args))
-    problems = [world.parse_problem(json.loads(line)["problem"]) for line in data_path.read_text().splitlines()]
+    trainer = Trainer(demo_config(out / "train", data_path, args), grader=world_grader)
     history = []
     with (out / "metrics.jsonl").open("w") as log, tqdm(total=args.steps, desc="CRISP", unit="step") as bar:
-        def grade_rollouts(batch, generations):
-            correct = [world.grade(tokenizer.decode(g.token_ids, skip_special_tokens=True),
-                                   problems[batch[g.prompt_index].problem_index]) for g in generations]
-            return {"rollout_accuracy": sum(correct) / len(correct)}
-
         while trainer.step < args.steps:
-            metrics = trainer.train_step(on_rollouts=grade_rollouts)
+            metrics = trainer.train_step()
             history.append(metrics)
             log.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(tokens=f"{metrics['mean_response_tokens']:.0f}", acc=f"{metrics['rollout_accuracy']:.2f}",
+            bar.set_postfix(tokens=f"{metrics['mean_response_tokens']:.0f}", acc=f"{metrics['accuracy']:.2f}",
                             kl=f"{metrics['kl']:.3f}")
             bar.update(1)
     trainer.export(out / "train" / "hf")

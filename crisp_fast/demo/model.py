@@ -40,8 +40,8 @@ def tiny_qwen3_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> 
 def load_base(path: str | os.PathLike = BASE_DIR):
     if not (pathlib.Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no demo base checkpoint at {path}: run `python -m crisp_fast.demo.make_base`")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # the shipped base is plain Qwen3
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
     model.eval()
     return model, tokenizer
 

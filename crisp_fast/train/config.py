@@ -222,6 +222,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     if _annotation_of(key.split(".")) is str:
+        # a string key takes the text as it is; a YAML-quoted text ('"Add: {problem}\\n"') is
+        # unquoted, escapes included, so a newline can be written on a command line
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            try:
+                return key.split("."), str(yaml.safe_load(raw))
+            except yaml.YAMLError as error:
+                raise ConfigError(f"override {text!r}: not a valid quoted string ({error})") from None
         return key.split("."), raw
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
