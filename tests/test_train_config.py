@@ -123,3 +123,92 @@ def test_problem_stream_is_resumable(seed):
     assert sorted(taken[:7]) == items  # each epoch is a permutation
     with pytest.raises(DataError, match="no usable problems"):
         ProblemStream([])
+
+
+# ------------------------------------------------------------------ every numeric key, in range
+def _keys_of_type(kind):
+    import dataclasses
+    from typing import get_type_hints
+
+    from crisp_fast.train.config import Config
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        hints = get_type_hints(Config)
+        if not dataclasses.is_dataclass(hints[section.name]):
+            continue
+        for name, annotation in get_type_hints(hints[section.name]).items():
+            if annotation is kind:
+                keys.append(f"{section.name}.{name}")
+    return keys
+
+
+@pytest.mark.parametrize("key", _keys_of_type(float))
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_every_float_key_must_be_finite(key, value):
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        load_config(REPO / "configs/tiny.yaml", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key", _keys_of_type(int))
+def test_every_integer_key_rejects_negative_values(key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs/tiny.yaml", [f"{key}=-1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.betas=[0.9, .inf]", "train.betas must be two numbers"),
+    ("train.betas=[0.9, yes]", "train.betas must be two numbers"),
+    ("rollout.vllm_gpu_memory_utilization=1.5", r"must be in \(0, 1\]"),
+    ("train.lr_schedule=step", "train.lr_schedule must be constant, linear or cosine"),
+    ("eval.every=5", "eval.every > 0 needs eval.data"),
+    ("eval.best_metric=loss", "eval.best_metric must be one of accuracy, mean_tokens, penalized_accuracy, none"),
+    ("prompts.template=jinja", "prompts.template must be chat or raw"),
+])
+def test_new_keys_are_validated(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs/tiny.yaml", [override])
+
+
+def test_string_keys_are_taken_literally(tmp_path, monkeypatch, capsys):
+    config = load_config(REPO / "configs/tiny.yaml", ["out=010", "model.source=yes", "data.path=run #1",
+                                                      'prompts.teacher_context="Hint: {solution}\\n"'])
+    assert (config.out, config.model.source, config.data.path) == ("010", "yes", "run #1")
+    assert config.prompts.teacher_context == "Hint: {solution}\n"
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config", str(REPO / "configs/tiny.yaml"), "--out", "010", f"data.path={REPO / 'configs/tiny_problems.jsonl'}",
+                 "train.steps=3", "rollout.max_new_tokens=4", "checkpoint.every=0", "checkpoint.export_hf=false",
+                 "log.tensorboard=off", "log.progress=false", "log.print_every=2", "model.activation_checkpointing=off"])
+    assert code == 0
+    assert (tmp_path / "010/metrics.jsonl").is_file() and not (tmp_path / "8").exists()
+    printed = capsys.readouterr().out
+    # progress off: a line every print_every steps, and the last
+    assert "crisp: step 2/3 " in printed and "crisp: step 3/3 " in printed and "crisp: step 1/3 " not in printed
+    rows = [json.loads(line) for line in (tmp_path / "010/metrics.jsonl").read_text().splitlines()]
+    assert all(row["loss_backend"] in ("native", "torch") for row in rows)
+    assert [p.name for p in (tmp_path / "010/checkpoints").iterdir()] == ["step_00000003"]  # every=0: the end
+
+
+def test_data_decode_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps({"problem": "1+1?"}).encode() + b"\n" + b'{"problem": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"bytes.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 17\)"):
+        read_problems(path)
+    from crisp_fast.eval.problems import DataError as EvalDataError, read_jsonl
+
+    with pytest.raises(EvalDataError, match=r"bytes.jsonl:2: not UTF-8 text"):
+        list(read_jsonl(str(path)))
+
+
+def test_auto_backend_on_cpu_warns_when_the_native_one_is_missing(monkeypatch):
+    import torch
+
+    import crisp_fast.loss as loss
+    from crisp_fast.train.runtime import resolve_loss_backend
+
+    monkeypatch.setattr(loss, "_native_usable", lambda: False)
+    with pytest.warns(UserWarning, match="native C\\+\\+ loss backend is not available"):
+        assert resolve_loss_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    with pytest.raises(ValueError, match="train.loss_backend='triton' cannot run here"):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        resolve_loss_backend("triton", torch.device("cpu"), torch.float32)
