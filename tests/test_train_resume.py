@@ -50,7 +50,7 @@ def test_kill_during_training_and_during_save_then_resume(tmp_path, seed):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if (killed / "checkpoints/step_00000002/meta.json").exists():
+        if (killed / "checkpoints/step_00000002/manifest.json").exists():
             break
         time.sleep(0.05)
     assert process.poll() is None, "the training process ended before it could be killed"
