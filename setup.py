@@ -99,6 +99,7 @@ setup(
         "numpy",
         "matplotlib",
         "math-verify>=0.7",
+        "peft>=0.15",
     ],
     extras_require={
         "gpu": ["vllm", "flash-attn"],

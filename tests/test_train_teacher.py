@@ -35,8 +35,11 @@ def teacher_logits_and_reference(trainer, reference_weights):
     responses = [[random.randint(4, 99) for _ in range(random.randint(1, 5))] for _ in range(3)]
     inputs = side_inputs(prompts, responses, trainer.pad_id, "right", torch.device("cpu"))
     with torch.no_grad(), trainer.teacher.swapped_in():
-        hidden, head = trainer.model(*inputs.as_args())
-    ours = torch.nn.functional.linear(hidden, head)
+        hidden, copied = trainer.model(*inputs.as_args(), copy_head=True)
+    source = trainer.teacher.head_source
+    head = trainer.teacher.snapshot_head(hidden.device, hidden.dtype) if source == "snapshot" else copied
+    assert source == ("shared" if trainer.teacher.live else "snapshot")
+    ours = torch.nn.functional.linear(hidden, head.weight)
     # a separately built model object holding the expected teacher weights
     reference = copy.deepcopy(trainer.model.lm)
     with torch.no_grad():
@@ -101,3 +104,56 @@ def test_snapshot_dtype_option(tmp_path, seed):
     trainer = make_trainer(tmp_path, 4, ["train.teacher_snapshot_dtype=bfloat16"])
     assert {t.dtype for t in trainer.teacher.snapshot} == {torch.bfloat16}
     assert trainer.teacher.bytes() == sum(p.numel() for p in trainer.model.parameters()) * 2
+
+
+def capture_loss_heads(monkeypatch):
+    """Record the (student, teacher) lm_head tensors each fused-loss call receives."""
+    import crisp_fast.train.modeling as modeling
+
+    seen, original = [], modeling.fused_linear_divergence
+
+    def spy(student_hidden, teacher_hidden, weight, teacher_weight=None, **kwargs):
+        seen.append((weight, teacher_weight))
+        return original(student_hidden, teacher_hidden, weight, teacher_weight, **kwargs)
+
+    monkeypatch.setattr(modeling, "fused_linear_divergence", spy)
+    return seen
+
+
+@pytest.mark.parametrize("refresh_every", [1, 0, 3])
+def test_teacher_head_reaches_the_loss_by_reference(tmp_path, seed, monkeypatch, refresh_every):
+    trainer = make_trainer(tmp_path, refresh_every, ["train.log_teacher_entropy=false"])
+    seen = capture_loss_heads(monkeypatch)
+    one_step(trainer)
+    head = trainer.model.lm.get_output_embeddings().weight
+    assert seen and all(student is head for student, _ in seen)
+    if refresh_every == 1:  # the live teacher: the student's own tensor, the shared-W path
+        assert trainer.teacher.head_source == "shared"
+        assert all(teacher is None for _, teacher in seen)
+    else:  # one process: the snapshot's own head tensor, not a copy of it
+        assert trainer.teacher.head_source == "snapshot"
+        index = next(i for i, p in enumerate(trainer.teacher.parameters) if p is head)
+        assert all(teacher.data_ptr() == trainer.teacher.snapshot[index].data_ptr() for _, teacher in seen)
+
+
+def test_ema_teacher_updates_after_every_step(tmp_path, seed):
+    rate = random.choice([0.1, 0.25, 1.0])
+    trainer = make_trainer(tmp_path, 4, [f"train.teacher_ema={rate}"])
+    expected = [t.clone() for t in trainer.teacher.snapshot]
+    for step in range(1, 4):
+        assert one_step(trainer)["teacher_refreshed"] is True
+        for saved, old, student in zip(trainer.teacher.snapshot, expected, weights(trainer)):
+            torch.testing.assert_close(saved, old + rate * (student - old), rtol=1e-6, atol=1e-7)
+            if rate == 1.0:
+                assert torch.equal(saved, student)
+        expected = [t.clone() for t in trainer.teacher.snapshot]
+    assert trainer.teacher.refreshes == [1, 2, 3]
+
+
+def test_ema_needs_a_snapshot(tmp_path, seed):
+    from crisp_fast.train.config import ConfigError
+
+    for bad, message in [("train.teacher_ema=0.5", "teacher_refresh_every=1 is the live student"),
+                         ("train.teacher_ema=1.5", r"train.teacher_ema must be in \[0, 1\]")]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path / "p.jsonl", tmp_path / "out", ["train.teacher_refresh_every=1", bad])

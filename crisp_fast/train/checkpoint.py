@@ -100,7 +100,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _teacher_state(teacher) -> dict:
     """Snapshot shards as DTensors laid out like their parameters (plain tensors without FSDP)."""
     state = {}
-    for (name, parameter), saved in zip(teacher.model.named_parameters(), teacher.snapshot or []):
+    for (name, parameter), saved in zip(teacher.named_parameters(), teacher.snapshot or []):
         if hasattr(parameter, "device_mesh"):
             from torch.distributed.tensor import DTensor
 
@@ -236,14 +236,21 @@ def load(path: Path, model, optimizer, teacher, *, verified: bool = False) -> di
 
 
 def export_hf(out_dir: Path, model, tokenizer) -> Path | None:
-    """`save_pretrained` safetensors of the current weights (gathered to rank 0's CPU)."""
+    """`save_pretrained` safetensors of the current weights (gathered to rank 0's CPU). With LoRA:
+    the adapters merged into the base weights in `out_dir` (a plain HF model) and the PEFT adapter
+    beside it in `<out_dir>-adapter`."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     path = Path(out_dir)
     if _rank() == 0:
         lm_state = {name.removeprefix("lm."): tensor for name, tensor in state.items()}
-        path.mkdir(parents=True, exist_ok=True)
-        model.lm.save_pretrained(path, state_dict=lm_state, safe_serialization=True)
-        tokenizer.save_pretrained(path)
+        if getattr(model, "peft", None) is not None:
+            from crisp_fast.train.lora import export_lora
+
+            export_lora(path, path.with_name(path.name + "-adapter"), model.lm, model.peft, lm_state, tokenizer)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            model.lm.save_pretrained(path, state_dict=lm_state, safe_serialization=True)
+            tokenizer.save_pretrained(path)
     _barrier()
     return path

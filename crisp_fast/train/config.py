@@ -20,6 +20,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    # trainer-memory (issue 14.3): LoRA adapters through the `peft` library; the teacher at M = 0
+    # is the same module with the adapters disabled (see docs/train.md, "LoRA, offload, bf16")
+    enabled: bool = False
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scaling alpha / r
+    dropout: float = 0.0
+    target_modules: tuple = ()  # () = every linear layer of the decoder (never the lm_head)
+
+
+@dataclass
 class ModelConfig:
     # a local path, a hub name, or "build" (a fresh model from `build`, e.g. for tests and the tiny run)
     source: str = "build"
@@ -32,6 +43,9 @@ class ModelConfig:
     liger: str = "auto"  # auto (liger-kernel model patches on CUDA when installed) | on | off
     seed: int = 0  # weight init seed for source="build"
     trust_remote_code: bool = False  # passed to every from_pretrained (model, tokenizer, vLLM): run the repo's own code?
+    # trainer-memory (issue 14): LoRA and FSDP2 CPU offload of parameters, gradients, optimizer state
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cpu_offload: bool = False
 
 
 @dataclass
@@ -91,6 +105,12 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | linear (to 0 at train.steps) | cosine (to 0 at train.steps), after warmup
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr over the first warmup_steps steps
     threads: int = 0  # torch CPU threads; 0 = auto (1 for a model under 50M parameters on CPU, else torch's default)
+    # trainer-memory (issue 15.4): the divergence and its temperature (separate from the sampling
+    # temperature), and an EMA teacher (0 = off; a rate in (0, 1] replaces the hard refresh every M)
+    divergence: str = "reverse_kl"  # reverse_kl | forward_kl | jsd
+    jsd_beta: float = 0.5  # jsd only: M = beta * teacher + (1 - beta) * student
+    loss_temperature: float = 1.0
+    teacher_ema: float = 0.0
 
 
 @dataclass
@@ -372,6 +392,29 @@ def validate(config: Config) -> None:
     _require(v.seed >= 0, f"eval.seed must be >= 0, got {v.seed}")
     _require(v.best_metric in BEST_METRICS, f"eval.best_metric must be one of {', '.join(BEST_METRICS)}, got {v.best_metric!r}")
     _require(v.length_penalty >= 0, f"eval.length_penalty must be >= 0, got {v.length_penalty}")
+    validate_memory_and_loss_options(config)
+
+
+def validate_memory_and_loss_options(config: Config) -> None:
+    """model.lora, model.cpu_offload, train.divergence / jsd_beta / loss_temperature / teacher_ema
+    (trainer-memory, issues 14 and 15.4)."""
+    lora, t = config.model.lora, config.train
+    if lora.enabled:
+        _require(lora.r >= 1, f"model.lora.r must be >= 1, got {lora.r}")
+        _require(lora.alpha > 0 and lora.alpha != float("inf"), f"model.lora.alpha must be a finite number > 0, got {lora.alpha}")
+        _require(0 <= lora.dropout < 1, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        _require(all(isinstance(name, str) and name for name in lora.target_modules),
+                 f"model.lora.target_modules must be a list of module names (e.g. [q_proj, v_proj]), got {list(lora.target_modules)}")
+        _require(config.rollout.engine != "vllm",
+                 "model.lora with rollout.engine='vllm' is not supported (vLLM would need the adapters pushed as LoRA); use rollout.engine=hf")
+    _require(t.divergence in ("reverse_kl", "forward_kl", "jsd"),
+             f"train.divergence must be reverse_kl, forward_kl or jsd, got {t.divergence!r}")
+    _require(0 <= t.jsd_beta <= 1, f"train.jsd_beta must be in [0, 1], got {t.jsd_beta}")
+    _require(0 < t.loss_temperature < float("inf"), f"train.loss_temperature must be a finite number > 0, got {t.loss_temperature}")
+    _require(0 <= t.teacher_ema <= 1, f"train.teacher_ema must be in [0, 1] (0 = off), got {t.teacher_ema}")
+    _require(t.teacher_ema == 0 or t.teacher_refresh_every != 1,
+             "train.teacher_ema needs a snapshot teacher, but train.teacher_refresh_every=1 is the live student "
+             "(no snapshot); set teacher_refresh_every to 0 or > 1 (it is not used while teacher_ema > 0)")
 
 
 # what `eval.best_metric` may name (crisp_fast.train.validation scores them)

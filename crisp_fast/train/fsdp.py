@@ -1,9 +1,11 @@
 """Process group, FSDP2 wrapping and activation checkpointing.
 
-One process: no process group, no wrapping (the same code path otherwise). Under torchrun:
-`fully_shard` on every decoder layer, then on the `CrispModel` root (embeddings, final norm and
-lm_head form the root group, gathered for the span of each `CrispModel.forward`). bf16 compute
-with fp32 gradient reduction on CUDA by default.
+One process in fp32: no process group, no wrapping. Under torchrun, or in one process with bf16
+mixed precision or CPU offload (a 1-rank process group): `fully_shard` on every decoder layer,
+then on the `CrispModel` root (embeddings, final norm and lm_head form the root group, gathered
+for the span of each `CrispModel.forward`). bf16 compute with fp32 master weights and fp32
+gradient reduction on CUDA by default (`model.mixed_precision`); `model.cpu_offload` keeps
+parameters, gradients and optimizer state on the host (FSDP2's CPUOffloadPolicy).
 """
 from __future__ import annotations
 
@@ -65,19 +67,48 @@ def enable_activation_checkpointing(lm) -> None:
     lm.config.use_cache = False
 
 
-def wrap(crisp_model, device: torch.device, mixed_precision: str) -> torch.nn.Module:
-    """Move to `device` and, when distributed, shard with FSDP2 (layers, then the root)."""
-    crisp_model.to(device)
-    if not is_distributed():
-        return crisp_model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def use_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """model.mixed_precision: "auto" is bf16 on CUDA and off on CPU (bf16 GEMMs on CPUs without
+    AMX are slower than fp32, and nothing there is short of memory enough to pay for it)."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
 
-    use_bf16 = mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_bf16 \
+
+def _one_rank_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store, no ports, no environment), so
+    that one process is sharded by the same FSDP2 code as many: the same bf16 / offload policy."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def wrap(crisp_model, device: torch.device, mixed_precision: str, cpu_offload: bool = False) -> torch.nn.Module:
+    """Move to `device` and shard with FSDP2 (layers, then the root) when distributed, or in one
+    process when bf16 or CPU offload is asked for: FSDP2 on a 1-rank group gives one process the
+    policy of many, exactly (bf16 compute copies of the parameters made at each gather, fp32
+    master weights, gradients and optimizer state, fp32 gradient reduction), where torch.autocast
+    would differ (fp32 residual stream and norms, bf16 only inside matmuls, a custom autograd
+    function like the fused loss left in fp32). With neither, one process is left unwrapped."""
+    bf16 = use_bf16(mixed_precision, device)
+    if not is_distributed() and not bf16 and not cpu_offload:
+        return crisp_model.to(device)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if not is_distributed():
+        _one_rank_group(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    if cpu_offload:
+        # parameters (the fp32 shards), their gradients and so the optimizer state live on the host;
+        # each layer's shard is copied to the device for its all-gather, its gradient back to the host
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+        crisp_model.to("cpu")
+    else:
+        offload = OffloadPolicy()
+        crisp_model.to(device)
     for layer in decoder_layers(crisp_model.lm):
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(crisp_model, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, offload_policy=offload)
+    fully_shard(crisp_model, mp_policy=policy, offload_policy=offload)
     # FSDP2 initialises its root on the first forward *through the root*; rollouts call the inner
     # model (and its layers) directly, so run one token through the root now
     one = torch.ones((1, 1), dtype=torch.long, device=device)
@@ -89,8 +120,6 @@ def wrap(crisp_model, device: torch.device, mixed_precision: str) -> torch.nn.Mo
 
 def reshard_all(model) -> None:
     """Free every gathered parameter, so the next forward re-reads the (possibly swapped) shards."""
-    if not is_distributed():
-        return
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

@@ -33,11 +33,12 @@ from crisp_fast.train.data import (
 )
 from crisp_fast.train.fsdp import (
     all_reduce_max, all_reduce_sum, enable_activation_checkpointing, reshard_all, root_gathered,
-    setup_distributed, wrap,
+    setup_distributed,
 )
 from crisp_fast.train.grading import MathGrader, grade_rollouts, write_samples
 from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_peak_memory
-from crisp_fast.train.modeling import CrispModel, load_model, load_tokenizer, tokenizer_source
+from crisp_fast.train.lora import parameter_counts
+from crisp_fast.train.modeling import base_teacher, load_model, load_tokenizer, prepare_model, tokenizer_source
 from crisp_fast.train.prompts import build_prompts, check_instruction_fits, check_tokenizer, prompt_texts
 from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_loss_backend
 from crisp_fast.train.schedule import make_scheduler, restore_scheduler, scheduler_state
@@ -98,12 +99,14 @@ class Trainer:
         checkpointing = cfg_m.activation_checkpointing
         if checkpointing == "on" or (checkpointing == "auto" and config.rollout.max_new_tokens >= 1024):
             enable_activation_checkpointing(lm)
-        self.model = wrap(CrispModel(lm), self.device, cfg_m.mixed_precision)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg_t.lr, betas=tuple(cfg_t.betas),
-                                           weight_decay=cfg_t.weight_decay)
+        self.model = prepare_model(lm, cfg_m, self.device)  # LoRA adapters, FSDP2 / bf16 / CPU offload
+        # only what trains (with LoRA, the adapters): no AdamW state for frozen parameters
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg_t.lr,
+                                           betas=tuple(cfg_t.betas), weight_decay=cfg_t.weight_decay)
+        self.teacher = TeacherSnapshot(self.model, cfg_t.teacher_refresh_every, device=cfg_t.teacher_snapshot_device,
+                                       dtype=cfg_t.teacher_snapshot_dtype, ema=cfg_t.teacher_ema,
+                                       base_teacher=base_teacher(self.model))
         self.scheduler = make_scheduler(self.optimizer, cfg_t.lr_schedule, cfg_t.warmup_steps, cfg_t.steps)
-        self.teacher = TeacherSnapshot(self.model, cfg_t.teacher_refresh_every,
-                                       device=cfg_t.teacher_snapshot_device, dtype=cfg_t.teacher_snapshot_dtype)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.engine = None
         self.step = 0
@@ -169,17 +172,21 @@ class Trainer:
             if dummy:
                 token_weights.zero_()
 
-            # teacher pass, just in time: snapshot weights in, hidden states out, student weights back
+            # teacher pass, just in time: snapshot weights in, hidden states out, student weights back.
+            # Its lm_head goes to the loss by reference (None: the student's own tensor, shared-W path);
+            # only a head sharded over ranks is kept from the gather (see teacher.py, head_source)
+            source = self.teacher.head_source
             reshard_all(self.model)
             with torch.no_grad(), self.teacher.swapped_in():
-                teacher_hidden, teacher_head = self.model(*teacher.as_args())
+                teacher_hidden, teacher_head = self.model(*teacher.as_args(), copy_head=source == "gather")
             reshard_all(self.model)
-            if self.teacher.live:
-                teacher_head = None  # M = 1: the teacher's head is the student's, no copy needed
+            if source == "snapshot":
+                teacher_head = self.teacher.snapshot_head(teacher_hidden.device, teacher_hidden.dtype)
 
             loss, stats, teacher_entropy = self.model(
                 *student.as_args(), teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                token_weights=token_weights, backend=t.loss_backend, teacher_entropy=t.log_teacher_entropy)
+                token_weights=token_weights, backend=t.loss_backend, teacher_entropy=t.log_teacher_entropy,
+                divergence=t.divergence, beta=t.jsd_beta, temperature=t.loss_temperature)
             (loss * self.world).backward()
             del teacher_hidden, teacher_head
             with torch.no_grad():
@@ -207,7 +214,8 @@ class Trainer:
                 "teacher_entropy": totals["teacher_entropy"] if t.log_teacher_entropy else None,
                 "grad_norm": grad_norm, "skipped": skipped, "teacher_refreshed": refreshed,
                 "response_tokens": int(global_tokens), "responses": int(global_rows),
-                "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro}
+                "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro,
+                **dict(zip(("trainable_parameters", "total_parameters"), parameter_counts(self.model)))}
 
     def grade_and_sample(self, batch: list[PromptPair], generations: list[Generation]) -> dict:
         """Grade this step's rollouts (accuracy, lengths of correct and wrong responses) and, every

@@ -1,18 +1,34 @@
-"""The teacher as a snapshot of the student's *sharded* parameters, swapped in for the no-grad
-teacher pass and swapped out again — no second model, no second FSDP wrapper, no full gather.
+"""The teacher as a snapshot of the student's *sharded* trainable parameters, swapped in for the
+no-grad teacher pass and swapped out again — no second model, no second FSDP wrapper, no full gather.
 
-M = teacher_refresh_every:
+Only parameters that require grad are snapshotted: a frozen one never changes, so the live tensor
+*is* the teacher's (with LoRA the snapshot holds the adapter tensors only, and a frozen lm_head is
+shared by both sides).
+
+M = teacher_refresh_every, a = teacher_ema:
   M = 1  the teacher is the live student: no snapshot, no swap, no extra memory.
-  M = 0  the snapshot is the initial weights, never refreshed.
+  M = 0  the snapshot is the initial weights, never refreshed. With LoRA: no snapshot at all, the
+         teacher is the same module with its adapters disabled (peft's `disable_adapter`), i.e.
+         the base model.
   M > 1  the snapshot is refreshed (a local copy_, no communication) after optimizer steps
          M, 2M, 3M, ...: steps kM+1 .. (k+1)M are scored by the weights at the end of step kM.
+  a > 0  instead of the hard refresh, after *every* step snapshot <- snapshot + a (student -
+         snapshot) (a = 1: the teacher lags the student by one step). M is then not used, except
+         that M = 1 (no snapshot to average) is refused by the config.
 
-Cost (P = local shard elements on this rank = parameters / world size):
+Cost (P = local shard elements of the trainable parameters on this rank):
   memory  the snapshot: P * bytes(snapshot dtype), on the configured device (CPU: host memory);
           during a swap, a stash of the student's local shards: P * bytes(param dtype) on the
           parameters' device, freed right after.
   time    per teacher pass: three copies of the local shards (stash, load snapshot, restore),
           i.e. ~3 * P * bytes over the memory bus (host<->device if the snapshot is on CPU).
+
+The teacher's lm_head for the loss (`head_source`): "shared" when it is the student's tensor
+(M = 1, a frozen head, the base-model teacher): the loss's shared-weight path, nothing copied;
+"snapshot" when this rank's snapshot holds the whole head (one process): the snapshot tensor is
+handed over by reference (cast only if the snapshot dtype differs from the compute dtype);
+"gather" under FSDP with several ranks: the head gathered for the teacher pass is kept (one copy,
+the same bytes as the all-gather it replaces).
 """
 from __future__ import annotations
 
@@ -28,18 +44,44 @@ def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
     return data.to_local() if hasattr(data, "to_local") else data
 
 
+def _is_sharded(parameter: torch.Tensor) -> bool:
+    mesh = getattr(parameter, "device_mesh", None)
+    return mesh is not None and mesh.size() > 1
+
+
 class TeacherSnapshot:
-    def __init__(self, model: torch.nn.Module, refresh_every: int, *, device: str = "cpu", dtype: str = "same"):
+    def __init__(self, model: torch.nn.Module, refresh_every: int, *, device: str = "cpu", dtype: str = "same",
+                 ema: float = 0.0, base_teacher=None):
+        """`base_teacher`: a context-manager factory under which the model *is* the frozen
+        teacher (peft's `disable_adapter`); used for M = 0 instead of a snapshot."""
         self.model = model
         self.refresh_every = refresh_every
-        self.parameters = [p for p in model.parameters()]  # deduplicated (tied weights once)
+        self.ema = ema
+        self.base_teacher = base_teacher
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]  # tied weights once
+        self.names = [name for name, _ in named]
+        self.parameters = [p for _, p in named]
         self.snapshot: list[torch.Tensor] | None = None
-        self.refreshes: list[int] = []  # steps after which the snapshot was refreshed
-        if refresh_every != 1:
+        self.refreshes: list[int] = []  # steps after which the snapshot was refreshed (every step with EMA)
+        if refresh_every == 1 and ema == 0:
+            self.mode = "live"
+        elif refresh_every == 0 and ema == 0 and base_teacher is not None:
+            self.mode = "base"
+        else:
+            self.mode = "snapshot"
             self.device = device
             self.dtype = None if dtype == "same" else getattr(torch, dtype)
             self.snapshot = [self._empty_like(local_tensor(p)) for p in self.parameters]
             self._copy_from_model()
+        head = model.lm.get_output_embeddings() if hasattr(model, "lm") else None
+        self._head = None
+        if self.mode == "snapshot" and head is not None:
+            indices = {id(p): i for i, p in enumerate(self.parameters)}
+            weight = indices.get(id(head.weight))
+            if weight is not None:  # the head is trained, so the teacher's differs from the student's
+                bias = getattr(head, "bias", None)
+                self._head = (weight, None if bias is None else indices.get(id(bias)))
+                self._head_sharded = _is_sharded(head.weight)
 
     def _empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
         device = torch.device("cpu") if self.device == "cpu" else tensor.device
@@ -49,7 +91,28 @@ class TeacherSnapshot:
     @property
     def live(self) -> bool:
         """True when the teacher is the current student (M = 1)."""
-        return self.snapshot is None
+        return self.mode == "live"
+
+    @property
+    def head_source(self) -> str:
+        """Where the loss gets the teacher's lm_head: "shared", "snapshot" or "gather" (module doc)."""
+        if self._head is None:
+            return "shared"
+        return "gather" if self._head_sharded else "snapshot"
+
+    def snapshot_head(self, device: torch.device, dtype: torch.dtype):
+        """The teacher's (weight, bias) straight from the snapshot: the snapshot's own tensors when
+        device and dtype match (no copy), else one cast / transfer. Only for head_source "snapshot"."""
+        from crisp_fast.train.modeling import TeacherHead
+
+        weight_index, bias_index = self._head
+        weight = self.snapshot[weight_index].to(device=device, dtype=dtype, non_blocking=True)
+        bias = None if bias_index is None else self.snapshot[bias_index].to(device=device, non_blocking=True)
+        return TeacherHead(weight, bias)
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The snapshotted parameters, by name, in snapshot order."""
+        return list(zip(self.names, self.parameters))
 
     def bytes(self) -> int:
         return 0 if self.snapshot is None else sum(t.numel() * t.element_size() for t in self.snapshot)
@@ -58,23 +121,42 @@ class TeacherSnapshot:
     def _copy_from_model(self):
         for saved, parameter in zip(self.snapshot, self.parameters):
             saved.copy_(local_tensor(parameter), non_blocking=True)
+        self._synchronize()
+
+    def _synchronize(self):
         if any(s.device.type == "cuda" or s.is_pinned() for s in self.snapshot):
             torch.cuda.synchronize()
 
+    @torch.no_grad()
+    def _ema_from_model(self):
+        for saved, parameter in zip(self.snapshot, self.parameters):
+            current = local_tensor(parameter).to(device=saved.device, dtype=saved.dtype)
+            saved.lerp_(current, self.ema)
+        self._synchronize()
+
     def maybe_refresh(self, step: int) -> bool:
-        """Call after optimizer step `step` (1-based). Returns True if the teacher was refreshed."""
-        if self.snapshot is None or self.refresh_every == 0 or step % self.refresh_every != 0:
+        """Call after optimizer step `step` (1-based). Returns True if the teacher was updated."""
+        if self.snapshot is None:
             return False
-        self._copy_from_model()
+        if self.ema > 0:
+            self._ema_from_model()
+        elif self.refresh_every == 0 or step % self.refresh_every != 0:
+            return False
+        else:
+            self._copy_from_model()
         self.refreshes.append(step)
         return True
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Inside: the model's parameters hold the teacher weights (no grad allowed to flow).
-        The student's shards are restored on exit, even after an exception."""
-        if self.snapshot is None:
+        """Inside: the model computes as the teacher (no grad allowed to flow). The student's
+        shards are restored (or its adapters re-enabled) on exit, even after an exception."""
+        if self.mode == "live":
             yield
+            return
+        if self.mode == "base":
+            with self.base_teacher():
+                yield
             return
         locals_ = [local_tensor(p) for p in self.parameters]
         with torch.no_grad():
@@ -93,5 +175,4 @@ class TeacherSnapshot:
         """The snapshot's local shards by parameter name (for checkpoints)."""
         if self.snapshot is None:
             return {}
-        names = [name for name, _ in self.model.named_parameters()]
-        return dict(zip(names, self.snapshot))
+        return dict(zip(self.names, self.snapshot))
