@@ -26,9 +26,12 @@ class ModelConfig:
     dtype: str = "float32"  # master weights: float32 (bf16 compute on GPU comes from mixed precision)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager | ...
-    activation_checkpointing: str = "auto"  # auto (on when rollouts are long: max_new_tokens >= 1024) | on | off
+    activation_checkpointing: str = "auto"  # auto (per step, from the micro-batch sizes; see below) | on | off
     liger: str = "auto"  # auto (liger-kernel model patches on CUDA when installed) | on | off
     seed: int = 0  # weight init seed for source="build"
+    # activation_checkpointing=auto: on for a step whose largest micro-batch forward (tokens through
+    # the decoder at once: the packed row, or count x longest padded row) has at least this many
+    activation_checkpointing_min_tokens: int = 1024
 
 
 @dataclass
@@ -80,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     max_response_tokens: int = 0  # 0 = no cap; else responses are cut to this many tokens for the loss
     log_teacher_entropy: bool = True  # one extra no-grad pass over the teacher head per micro-batch
+    packing: bool = True  # a micro-batch's sequences as one row, no padding (crisp_fast.train.packing)
 
 
 @dataclass
@@ -253,6 +257,8 @@ def validate(config: Config) -> None:
     _require(t.normalization in ("token", "sequence"), f"train.normalization must be token or sequence, got {t.normalization!r}")
     _require(t.padding_side in ("left", "right"), f"train.padding_side must be left or right, got {t.padding_side!r}")
     _require(t.max_response_tokens >= 0, f"train.max_response_tokens must be >= 0, got {t.max_response_tokens}")
+    _require(m.activation_checkpointing_min_tokens >= 1,
+             f"model.activation_checkpointing_min_tokens must be >= 1, got {m.activation_checkpointing_min_tokens}")
     _require(c.every >= 0, f"checkpoint.every must be >= 0, got {c.every}")
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     _require(config.log.tensorboard in ("auto", "on", "off"), f"log.tensorboard must be auto, on or off, got {config.log.tensorboard!r}")

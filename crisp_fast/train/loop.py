@@ -23,7 +23,7 @@ import torch
 
 from crisp_fast.generation import Generation, SamplingConfig, make_engine
 from crisp_fast.train import checkpoint as ckpt
-from crisp_fast.train.batching import plan_micro_batches, side_inputs
+from crisp_fast.train.batching import micro_batch_tokens, packed_side_inputs, plan_micro_batches, side_inputs
 from crisp_fast.train.config import Config, to_dict
 from crisp_fast.train.data import PromptPair, ProblemStream, encode_problems, read_problems
 from crisp_fast.train.fsdp import (
@@ -31,7 +31,8 @@ from crisp_fast.train.fsdp import (
     setup_distributed, wrap,
 )
 from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_peak_memory
-from crisp_fast.train.modeling import CrispModel, load_model, load_tokenizer
+from crisp_fast.train.modeling import CrispModel, attention_implementation, load_model, load_tokenizer
+from crisp_fast.train.packing import check_packing_supported, prepare_for_packing
 from crisp_fast.train.prompts import build_prompts, check_instruction_fits, prompt_texts
 from crisp_fast.train.teacher import TeacherSnapshot
 
@@ -64,10 +65,16 @@ class Trainer:
             config.data.max_prompt_tokens)
         self.stream = ProblemStream(pairs, seed=cfg_t.seed, shuffle=config.data.shuffle)
 
+        if cfg_t.packing:  # an attention that cannot keep packed sequences apart fails before loading
+            check_packing_supported(attention_implementation(cfg_m.attn_implementation, self.device))
         lm = load_model(cfg_m, self.tokenizer, self.device)
-        checkpointing = cfg_m.activation_checkpointing
-        if checkpointing == "on" or (checkpointing == "auto" and config.rollout.max_new_tokens >= 1024):
+        if cfg_t.packing:
+            prepare_for_packing(lm)
+        # "auto" is decided per step from the micro-batch sizes (_decide_checkpointing)
+        self.checkpointing = None
+        if cfg_m.activation_checkpointing == "on":
             enable_activation_checkpointing(lm)
+            self.checkpointing = True
         self.model = wrap(CrispModel(lm), self.device, cfg_m.mixed_precision)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg_t.lr, betas=tuple(cfg_t.betas),
                                            weight_decay=cfg_t.weight_decay)
@@ -120,7 +127,9 @@ class Trainer:
             return [1.0 / (len(response) * global_rows)] * len(response)
 
         lengths = [max(len(p.student_ids), len(p.teacher_ids)) + len(r) - 1 for p, r in rows]
-        micro_batches = plan_micro_batches(lengths, t.micro_batch_tokens) if rows else []
+        micro_batches = plan_micro_batches(lengths, t.micro_batch_tokens, packed=t.packing) if rows else []
+        self._decide_checkpointing(max((micro_batch_tokens([lengths[i] for i in group], t.packing)
+                                        for group in micro_batches), default=0))
         # FSDP's collectives need the same number of forward/backward passes on every rank
         n_micro = all_reduce_max(len(micro_batches), self.device)
         sums = {"loss": 0.0, "kl": 0.0, "student_entropy": 0.0, "teacher_entropy": 0.0}
@@ -131,8 +140,12 @@ class Trainer:
             dummy = index >= len(micro_batches)  # a rank with fewer micro-batches replays one at weight 0
             batch = [rows[i] for i in members] if rows else [(pairs[0], pairs[0].student_ids[-1:])]
             responses = [response for _, response in batch]
-            student = side_inputs([p.student_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
-            teacher = side_inputs([p.teacher_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+            if t.packing:
+                student = packed_side_inputs([p.student_ids for p, _ in batch], responses, self.device)
+                teacher = packed_side_inputs([p.teacher_ids for p, _ in batch], responses, self.device)
+            else:
+                student = side_inputs([p.student_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+                teacher = side_inputs([p.teacher_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
             token_weights = torch.tensor([w for r in responses for w in weights(r)], device=self.device)
             if dummy:
                 token_weights.zero_()
@@ -174,7 +187,31 @@ class Trainer:
                 "teacher_entropy": totals["teacher_entropy"] if t.log_teacher_entropy else None,
                 "grad_norm": grad_norm, "skipped": skipped, "teacher_refreshed": refreshed,
                 "response_tokens": int(global_tokens), "responses": int(global_rows),
-                "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro}
+                "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro,
+                "activation_checkpointing": bool(self.checkpointing)}
+
+    def _decide_checkpointing(self, largest_forward_tokens: int) -> None:
+        """model.activation_checkpointing=auto: recompute the decoder layers in backward when this
+        step's largest micro-batch forward reaches activation_checkpointing_min_tokens. Switching
+        is cheap (flags on the layers); the decision is printed when it changes. Every rank decides
+        on the global maximum, so FSDP ranks run the same recomputation."""
+        cfg_m = self.config.model
+        if cfg_m.activation_checkpointing != "auto":
+            return
+        largest = all_reduce_max(largest_forward_tokens, self.device)
+        wanted = largest >= cfg_m.activation_checkpointing_min_tokens
+        if wanted == self.checkpointing:
+            return
+        lm = self.model.lm
+        if wanted:
+            enable_activation_checkpointing(lm)
+        elif self.checkpointing is not None:
+            lm.activation_checkpointing_disable()
+        self.checkpointing = wanted
+        if self.rank == 0:
+            print(f"crisp: activation checkpointing {'on' if wanted else 'off'} from step {self.step + 1}: largest "
+                  f"micro-batch forward {largest} tokens {'>=' if wanted else '<'} "
+                  f"model.activation_checkpointing_min_tokens={cfg_m.activation_checkpointing_min_tokens}")
 
     def train_step(self, on_rollouts=None) -> dict:
         """One full CRISP step; returns its metrics (global over ranks). `on_rollouts(batch,
