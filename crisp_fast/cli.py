@@ -6,6 +6,8 @@
     crisp-fast compare  BASE_SUMMARY CANDIDATE_SUMMARY ...                  (crisp_fast.eval)
     crisp-fast demo     [--out DIR] [--teacher-refresh-every M]             (crisp_fast.demo)
     crisp-fast backends                                                     which loss backends run here
+    crisp-fast plan-memory --config FILE [--world-size W] [--tokens T] [--device-memory GiB]
+                                                                            (crisp_fast.train.memory_plan)
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ COMMANDS = {
     "compare": ("crisp_fast.eval.cli", "compare_main", "compare evaluation summaries, paper-style"),
     "demo": ("crisp_fast.demo.main", "main", "the embedded default: CRISP on a toy reasoning world"),
     "backends": ("crisp_fast.cli", "backends_main", "list the fused-loss backends and whether they run here"),
+    "plan-memory": ("crisp_fast.train.memory_plan", "main", "per-rank memory of a training step, before loading"),
 }
 
 

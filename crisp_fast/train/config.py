@@ -39,13 +39,16 @@ class ModelConfig:
     dtype: str = "float32"  # master weights: float32 (bf16 compute on GPU comes from mixed precision)
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, off on CPU) | bf16 | off
     attn_implementation: str = "auto"  # auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager | ...
-    activation_checkpointing: str = "auto"  # auto (on when rollouts are long: max_new_tokens >= 1024) | on | off
+    activation_checkpointing: str = "auto"  # auto (per step, from the micro-batch sizes; see below) | on | off
     liger: str = "auto"  # auto (liger-kernel model patches on CUDA when installed) | on | off
     seed: int = 0  # weight init seed for source="build"
     trust_remote_code: bool = False  # passed to every from_pretrained (model, tokenizer, vLLM): run the repo's own code?
     # trainer-memory (issue 14): LoRA and FSDP2 CPU offload of parameters, gradients, optimizer state
     lora: LoraConfig = field(default_factory=LoraConfig)
     cpu_offload: bool = False
+    # activation_checkpointing=auto: on for a step whose largest micro-batch forward (tokens through
+    # the decoder at once: the packed row, or count x longest padded row) has at least this many
+    activation_checkpointing_min_tokens: int = 1024
 
 
 @dataclass
@@ -111,6 +114,7 @@ class TrainConfig:
     jsd_beta: float = 0.5  # jsd only: M = beta * teacher + (1 - beta) * student
     loss_temperature: float = 1.0
     teacher_ema: float = 0.0
+    packing: bool = True  # a micro-batch's sequences as one row, no padding (crisp_fast.train.packing)
 
 
 @dataclass
@@ -375,6 +379,8 @@ def validate(config: Config) -> None:
     _require(t.lr_schedule in ("constant", "linear", "cosine"), f"train.lr_schedule must be constant, linear or cosine, got {t.lr_schedule!r}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {t.threads}")
+    _require(m.activation_checkpointing_min_tokens >= 1,
+             f"model.activation_checkpointing_min_tokens must be >= 1, got {m.activation_checkpointing_min_tokens}")
     _require(c.every >= 0, f"checkpoint.every must be >= 0, got {c.every}")
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     _require(log.tensorboard in ("auto", "on", "off"), f"log.tensorboard must be auto, on or off, got {log.tensorboard!r}")

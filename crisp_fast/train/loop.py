@@ -26,7 +26,7 @@ import torch
 
 from crisp_fast.generation import Generation, SamplingConfig, make_engine
 from crisp_fast.train import checkpoint as ckpt
-from crisp_fast.train.batching import plan_micro_batches, side_inputs
+from crisp_fast.train.batching import micro_batch_tokens, packed_side_inputs, plan_micro_batches, side_inputs
 from crisp_fast.train.config import Config, to_dict
 from crisp_fast.train.data import (
     PromptPair, ProblemStream, check_problem_field, encode_problems, has_answers, read_records,
@@ -38,10 +38,11 @@ from crisp_fast.train.fsdp import (
 from crisp_fast.train.grading import MathGrader, grade_rollouts, write_samples
 from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_peak_memory
 from crisp_fast.train.lora import parameter_counts
-from crisp_fast.train.modeling import base_teacher, load_model, load_tokenizer, prepare_model, tokenizer_source
+from crisp_fast.train.modeling import attention_implementation, base_teacher, load_model, load_tokenizer, prepare_model, tokenizer_source
 from crisp_fast.train.prompts import build_prompts, check_instruction_fits, check_tokenizer, prompt_texts
 from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_loss_backend
 from crisp_fast.train.schedule import make_scheduler, restore_scheduler, scheduler_state
+from crisp_fast.train.packing import check_packing_supported, prepare_for_packing
 from crisp_fast.train.teacher import TeacherSnapshot
 from crisp_fast.train.validation import Validator
 
@@ -91,14 +92,20 @@ class Trainer:
                           if config.eval.every else None)
         self.loss_backend = resolve_loss_backend(cfg_t.loss_backend, self.device, getattr(torch, cfg_m.dtype))
 
+        if cfg_t.packing:  # an attention that cannot keep packed sequences apart fails before loading
+            check_packing_supported(attention_implementation(cfg_m.attn_implementation, self.device))
         lm = load_model(cfg_m, self.tokenizer, self.device)
         check_vocabulary(lm, self.tokenizer, tokenizer_source(cfg_m))
         self.threads = choose_threads(cfg_t.threads, self.device, sum(p.numel() for p in lm.parameters()))
         if self.threads is not None:
             torch.set_num_threads(self.threads)
-        checkpointing = cfg_m.activation_checkpointing
-        if checkpointing == "on" or (checkpointing == "auto" and config.rollout.max_new_tokens >= 1024):
+        if cfg_t.packing:
+            prepare_for_packing(lm)
+        # "auto" is decided per step from the micro-batch sizes (_decide_checkpointing)
+        self.checkpointing = None
+        if cfg_m.activation_checkpointing == "on":
             enable_activation_checkpointing(lm)
+            self.checkpointing = True
         self.model = prepare_model(lm, cfg_m, self.device)  # LoRA adapters, FSDP2 / bf16 / CPU offload
         # only what trains (with LoRA, the adapters): no AdamW state for frozen parameters
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg_t.lr,
@@ -155,7 +162,9 @@ class Trainer:
             return [1.0 / (len(response) * global_rows)] * len(response)
 
         lengths = [max(len(p.student_ids), len(p.teacher_ids)) + len(r) - 1 for p, r in rows]
-        micro_batches = plan_micro_batches(lengths, t.micro_batch_tokens) if rows else []
+        micro_batches = plan_micro_batches(lengths, t.micro_batch_tokens, packed=t.packing) if rows else []
+        self._decide_checkpointing(max((micro_batch_tokens([lengths[i] for i in group], t.packing)
+                                        for group in micro_batches), default=0))
         # FSDP's collectives need the same number of forward/backward passes on every rank
         n_micro = all_reduce_max(len(micro_batches), self.device)
         sums = {"loss": 0.0, "kl": 0.0, "student_entropy": 0.0, "teacher_entropy": 0.0}
@@ -166,8 +175,12 @@ class Trainer:
             dummy = index >= len(micro_batches)  # a rank with fewer micro-batches replays one at weight 0
             batch = [rows[i] for i in members] if rows else [(pairs[0], pairs[0].student_ids[-1:])]
             responses = [response for _, response in batch]
-            student = side_inputs([p.student_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
-            teacher = side_inputs([p.teacher_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+            if t.packing:
+                student = packed_side_inputs([p.student_ids for p, _ in batch], responses, self.device)
+                teacher = packed_side_inputs([p.teacher_ids for p, _ in batch], responses, self.device)
+            else:
+                student = side_inputs([p.student_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
+                teacher = side_inputs([p.teacher_ids for p, _ in batch], responses, self.pad_id, t.padding_side, self.device)
             token_weights = torch.tensor([w for r in responses for w in weights(r)], device=self.device)
             if dummy:
                 token_weights.zero_()
@@ -215,6 +228,7 @@ class Trainer:
                 "grad_norm": grad_norm, "skipped": skipped, "teacher_refreshed": refreshed,
                 "response_tokens": int(global_tokens), "responses": int(global_rows),
                 "mean_response_tokens": global_tokens / max(global_rows, 1), "micro_batches": n_micro,
+                "activation_checkpointing": bool(self.checkpointing),
                 **dict(zip(("trainable_parameters", "total_parameters"), parameter_counts(self.model)))}
 
     def grade_and_sample(self, batch: list[PromptPair], generations: list[Generation]) -> dict:
@@ -238,6 +252,29 @@ class Trainer:
                     for g, response, record, verdict, length in zip(generations, responses, records, verdicts, lengths)]
             write_samples(self.out_dir, step, rows, self.rank)
         return metrics
+
+    def _decide_checkpointing(self, largest_forward_tokens: int) -> None:
+        """model.activation_checkpointing=auto: recompute the decoder layers in backward when this
+        step's largest micro-batch forward reaches activation_checkpointing_min_tokens. Switching
+        is cheap (flags on the layers); the decision is printed when it changes. Every rank decides
+        on the global maximum, so FSDP ranks run the same recomputation."""
+        cfg_m = self.config.model
+        if cfg_m.activation_checkpointing != "auto":
+            return
+        largest = all_reduce_max(largest_forward_tokens, self.device)
+        wanted = largest >= cfg_m.activation_checkpointing_min_tokens
+        if wanted == self.checkpointing:
+            return
+        lm = self.model.lm
+        if wanted:
+            enable_activation_checkpointing(lm)
+        elif self.checkpointing is not None:
+            lm.activation_checkpointing_disable()
+        self.checkpointing = wanted
+        if self.rank == 0:
+            print(f"crisp: activation checkpointing {'on' if wanted else 'off'} from step {self.step + 1}: largest "
+                  f"micro-batch forward {largest} tokens {'>=' if wanted else '<'} "
+                  f"model.activation_checkpointing_min_tokens={cfg_m.activation_checkpointing_min_tokens}")
 
     def train_step(self, on_rollouts=None) -> dict:
         """One full CRISP step; returns its metrics (global over ranks). `on_rollouts(batch,

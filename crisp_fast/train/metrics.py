@@ -12,17 +12,44 @@ from pathlib import Path
 import torch
 
 
+_CLEAR_REFS_WARNED = False
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated since the last reset, or this process's peak RSS on CPU."""
+    """Peak memory since the last `reset_peak_memory`: CUDA bytes allocated, or on CPU the
+    process's resident-set high-water mark (VmHWM; it includes what was resident at the reset)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:  # no /proc (macOS): the process peak since start, which reset cannot lower
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator counter, or on Linux the RSS high-water mark (writing
+    "5" to /proc/self/clear_refs sets VmHWM to the current RSS)."""
+    global _CLEAR_REFS_WARNED
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError as error:
+        if not _CLEAR_REFS_WARNED:
+            _CLEAR_REFS_WARNED = True
+            print(f"crisp: cannot reset the RSS high-water mark ({error}); peak_memory_bytes is the "
+                  "process peak since start", file=sys.stderr)
 
 
 def _clean(value):

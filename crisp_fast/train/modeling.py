@@ -195,10 +195,19 @@ class CrispModel(nn.Module):
         self.logit_transform = logit_transform(lm)
 
     def response_hidden(self, input_ids, attention_mask, position_ids, gather_index):
-        """Final hidden states (after the last norm) at the flattened positions `gather_index`."""
+        """Final hidden states (after the last norm) at the flattened positions `gather_index`.
+        `attention_mask=None` means one packed row (crisp_fast.train.packing): the sequences are
+        where `position_ids` restart at 0, and attention stays inside each."""
         decoder = self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        if attention_mask is None:
+            from crisp_fast.train.packing import packed_decoder_kwargs, packed_forward
+
+            with packed_forward():
+                hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                 **packed_decoder_kwargs(position_ids)).last_hidden_state
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, gather_index)
 
     def forward(self, input_ids, attention_mask, position_ids, gather_index, *, teacher_hidden=None,
