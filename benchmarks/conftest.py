@@ -24,8 +24,9 @@ def pytest_addoption(parser):
     group.addoption("--bench-tokens", default=None, help="comma-separated token counts N to sweep")
     group.addoption("--bench-hidden", default=None, help="comma-separated hidden sizes D to sweep")
     group.addoption("--bench-vocab", type=int, default=151936, help="vocabulary size V (default Qwen3's 151,936)")
-    group.addoption("--bench-dtype", choices=("float32", "bfloat16"), default=None,
-                    help="input dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    group.addoption("--bench-dtypes", default="fp32,bf16",
+                    help="comma-separated input dtypes to sweep, fp32 and/or bf16 (default both); each "
+                         "dtype's times are reported against the 4-GEMM floor in the same dtype")
     group.addoption("--bench-reps", type=int, default=None, help="timed repetitions per point (median reported)")
     group.addoption("--bench-impls", default=None,
                     help="comma-separated substrings: only implementations whose name contains one of them")
@@ -42,13 +43,24 @@ class BenchConfig:
     tokens: list[int]
     hidden: list[int]
     vocab: int
-    dtype: str
+    dtypes: list[str]  # torch names: "float32", "bfloat16"
     reps: int
     warmup: int
     impl_filter: list[str] | None
     baselines_max_tokens: int | None
     mem_cap_gib: float | None
     child_timeout_s: float
+
+
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def _dtypes(text):
+    names = [item.strip().lower() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in DTYPE_NAMES]
+    if unknown or not names:
+        raise pytest.UsageError(f"--bench-dtypes {text!r}: expected a comma-separated list of fp32, bf16")
+    return list(dict.fromkeys(DTYPE_NAMES[name] for name in names))
 
 
 def _ints(text):
@@ -75,9 +87,20 @@ def bench_config(request) -> BenchConfig:
         tokens=_ints(option("--bench-tokens")) if option("--bench-tokens") else tokens,
         hidden=_ints(option("--bench-hidden")) if option("--bench-hidden") else hidden,
         vocab=option("--bench-vocab"),
-        dtype=option("--bench-dtype") or ("bfloat16" if device == "cuda" else "float32"), reps=option("--bench-reps") or reps, warmup=1,
+        dtypes=_dtypes(option("--bench-dtypes")), reps=option("--bench-reps") or reps, warmup=1,
         impl_filter=option("--bench-impls").split(",") if option("--bench-impls") else None,
         baselines_max_tokens=option("--bench-baselines-max-tokens"),
         mem_cap_gib=option("--bench-mem-cap-gib"),
         child_timeout_s=600.0 if quick else 4 * 3600.0,
     )
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per run, printed so a run can be replayed with CRISP_FAST_SEED=<seed>
+    (the same contract as tests/conftest.py's fixture)."""
+    import random
+
+    value = int(os.environ.get("CRISP_FAST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"[{request.node.name}] seed = {value}")
+    return value

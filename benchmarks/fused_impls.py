@@ -25,7 +25,7 @@ import torch
 NAIVE, FLOOR = "naive", "floor:4-gemm"
 LIGER_CHUNKED, LIGER_TRITON, TRL = "liger:chunked", "liger:triton", "trl:chunked"
 # the floor's GEMM schedule (see floor_step): it must not itself need N x V memory
-FLOOR_TILE_CPU = (1024, 4096)  # tokens x vocabulary rows
+FLOOR_TILE_CPU = (1024, 4096)  # tokens x vocabulary rows; the same tile for fp32 and bf16 inputs
 FLOOR_CHUNK_ROWS_CUDA = 4096
 
 
@@ -99,27 +99,37 @@ def make_loss_fn(name: str, device: str):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-def floor_step(student, teacher, weight, _labels):
+def floor_step(student, teacher, weight, _labels, tile=None):
     """The four GEMMs no implementation can avoid: student and teacher logits, dh = g W and
     dW = g^T h (2 N D V FLOPs each), scheduled the way the machine runs them fastest, so that the
     floor is its GEMM limit and not a memory-traffic artefact. On CPU that is tiles of
     FLOOR_TILE_CPU tokens x vocabulary rows whose output stays in cache (2 threads, N = 2048,
     V = 151,936: 325 GFLOP/s at D = 256 and 330 at D = 1024, against 266 and 321 for 2,048-token
     chunks over the whole vocabulary, whose 1.2-5 GB outputs go through DRAM); on CUDA, whole-
-    vocabulary chunks of FLOOR_CHUNK_ROWS_CUDA tokens (few launches; the GPU keeps its own tiles)."""
+    vocabulary chunks of FLOOR_CHUNK_ROWS_CUDA tokens (few launches; the GPU keeps its own tiles).
+
+    With bf16 inputs the same four GEMMs run in bf16: on CPU torch.mm(bf16, bf16) returns bf16
+    (oneDNN accumulates each dot product in fp32 inside the call, and on AMX / AVX512-BF16 CPUs
+    this is the fast path), and torch.mm's `out_dtype=torch.float32` is not supported on CPU, so
+    the bf16 floor is the plain bf16 GEMM rate with bf16 outputs, dh and dW accumulated across
+    tiles in bf16. A real implementation that keeps fp32 accumulators can only be slower.
+    `tile` = (tokens, vocabulary rows) overrides the CPU schedule (to probe a machine)."""
     tokens, vocab = student.shape[0], weight.shape[0]
-    rows, columns = FLOOR_TILE_CPU if weight.device.type == "cpu" else (FLOOR_CHUNK_ROWS_CUDA, vocab)
+    if tile is not None:
+        rows, columns = tile
+    else:
+        rows, columns = FLOOR_TILE_CPU if weight.device.type == "cpu" else (FLOOR_CHUNK_ROWS_CUDA, vocab)
     rows, columns = min(rows, tokens), min(columns, vocab)
     with torch.no_grad():
         w, h_s, h_t = weight.detach(), student.detach(), teacher.detach()
-        tile = torch.empty(rows, columns, device=w.device, dtype=w.dtype)
+        buffer = torch.empty(rows, columns, device=w.device, dtype=w.dtype)
         grad_hidden = torch.zeros_like(h_s)
         grad_weight = torch.zeros_like(w)
         for start in range(0, tokens, rows):
             stop = min(start + rows, tokens)
             for first in range(0, vocab, columns):
                 last = min(first + columns, vocab)
-                logits = tile[: stop - start, : last - first]
+                logits = buffer[: stop - start, : last - first]
                 torch.matmul(h_s[start:stop], w[first:last].T, out=logits)
                 torch.matmul(h_t[start:stop], w[first:last].T, out=logits)
                 grad_hidden[start:stop].addmm_(logits, w[first:last])  # `logits` stands in for g
@@ -162,9 +172,13 @@ class PeakMemory:
         return _rss_bytes("VmHWM") - self.baseline
 
 
-def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed):
+def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed, floor_tile=None):
     """Time `reps` forward+backward passes of `name` after `warmup` ones; return the facts."""
-    step = floor_step if name == FLOOR else make_loss_fn(name, device)
+    if name == FLOOR:
+        def step(student, teacher, weight, labels):
+            return floor_step(student, teacher, weight, labels, tile=floor_tile)
+    else:
+        step = make_loss_fn(name, device)
     # on CPU warm up on at most 512 rows: it loads code and thread pools, and a warm-up at full
     # size would double the cost of the largest shapes; on CUDA warm up at full size, so that
     # compiled (autotuned, torch.compile'd) code is specialised to the timed shape
@@ -186,10 +200,14 @@ def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed):
         loss = _run_step(step, student, teacher, weight, labels)
         _sync(device)
         times.append(time.perf_counter() - start)
-    result = {"impl": name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "times_s": times,
+    result = {"impl": name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).split(".")[-1],
+              "times_s": times,
               "time_s": statistics.median(times), "peak_bytes": memory.peak_over_baseline(),
               "threads": torch.get_num_threads()}
-    if name != FLOOR:
+    if name == FLOOR:
+        flops = 4 * 2 * tokens * hidden * vocab
+        result["gflops"] = flops / result["time_s"] / 1e9
+    else:
         result.update(loss=float(loss), grad_hidden_norm=float(student.grad.double().norm()),
                       grad_weight_norm=float(weight.grad.double().norm()))
     return result
@@ -214,10 +232,21 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--floor-tile", default=None, metavar="ROWSxCOLUMNS",
+                        help=f"the floor's CPU tile, tokens x vocabulary rows (default "
+                             f"{FLOOR_TILE_CPU[0]}x{FLOOR_TILE_CPU[1]})")
     args = parser.parse_args(argv)
+    floor_tile = None
+    if args.floor_tile:
+        try:
+            floor_tile = tuple(int(part) for part in args.floor_tile.lower().split("x"))
+            assert len(floor_tile) == 2 and min(floor_tile) > 0
+        except (ValueError, AssertionError):
+            parser.error(f"--floor-tile {args.floor_tile!r}: expected ROWSxCOLUMNS, e.g. 1024x4096")
     try:
         result = run_one(args.impl, args.tokens, args.hidden, args.vocab, device=args.device,
-                         dtype=getattr(torch, args.dtype), warmup=args.warmup, reps=args.reps, seed=args.seed)
+                         dtype=getattr(torch, args.dtype), warmup=args.warmup, reps=args.reps, seed=args.seed,
+                         floor_tile=floor_tile)
     except (torch.cuda.OutOfMemoryError, MemoryError) as error:
         result = {"impl": args.impl, "status": "OOM", "error": str(error).splitlines()[0]}
     except RuntimeError as error:

@@ -168,8 +168,9 @@ def machine_line(facts: dict) -> str:
 
 
 def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> str | None:
-    """Time and peak memory vs N, one line per implementation, one row of panels per hidden size;
-    the 4-GEMM floor and the irreducible memory as dashed lines; `subtitle` says where it was measured."""
+    """Time and peak memory vs N, one line per implementation, one row of panels per (input dtype,
+    hidden size); the 4-GEMM floor of that dtype and the irreducible memory as dashed lines;
+    `subtitle` says where it was measured."""
     try:
         import matplotlib
 
@@ -177,15 +178,16 @@ def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> s
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    hiddens = sorted({row["hidden"] for row in rows})
-    figure, axes = plt.subplots(len(hiddens), 2, figsize=(12, 4.2 * len(hiddens)), squeeze=False)
+    panels_of = sorted({(row.get("dtype", "float32"), row["hidden"]) for row in rows},
+                       key=lambda key: (key[0] != "float32", key[0], key[1]))
+    figure, axes = plt.subplots(len(panels_of), 2, figsize=(12, 4.2 * len(panels_of)), squeeze=False)
     impls = list(dict.fromkeys(row["impl"] for row in rows))
-    # one colour per implementation in both panels (the floor has no memory line)
+    # one colour per implementation in every panel (the floor has no memory line)
     colours = {impl: f"C{index}" for index, impl in enumerate(i for i in impls if not i.startswith("floor"))}
-    for panel, hidden in zip(axes, hiddens):
+    for panel, (dtype, hidden) in zip(axes, panels_of):
+        here = [row for row in rows if row.get("dtype", "float32") == dtype and row["hidden"] == hidden]
         for impl in impls:
-            points = sorted((row["tokens"], row) for row in rows
-                            if row["impl"] == impl and row["hidden"] == hidden and row.get("status") == "ok")
+            points = sorted((row["tokens"], row) for row in here if row["impl"] == impl and row.get("status") == "ok")
             if not points:
                 continue
             tokens = [n for n, _ in points]
@@ -193,12 +195,11 @@ def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> s
             panel[0].plot(tokens, [row["time_s"] for _, row in points], label=impl, **style)
             if not impl.startswith("floor"):
                 panel[1].plot(tokens, [row["peak_bytes"] / MIB for _, row in points], label=impl, **style)
-            ooms = sorted(row["tokens"] for row in rows if row["impl"] == impl and row["hidden"] == hidden
-                          and row.get("status") == "OOM")
+            ooms = sorted(row["tokens"] for row in here if row["impl"] == impl and row.get("status") == "OOM")
             if ooms:
                 panel[1].annotate(f"{impl}: OOM at N={ooms[0]}", xy=(ooms[0], 1), xycoords=("data", "axes fraction"),
                                   fontsize=7, rotation=90, va="top")
-        irreducible = sorted({(row["tokens"], row["irreducible_bytes"]) for row in rows if row["hidden"] == hidden})
+        irreducible = sorted({(row["tokens"], row["irreducible_bytes"]) for row in here})
         panel[1].plot([n for n, _ in irreducible], [b / MIB for _, b in irreducible], linestyle="--", color="black",
                       label="irreducible (dW + dh)")
         for ax, ylabel in zip(panel, ("median time, forward+backward (s)", "peak memory over inputs (MiB)")):
@@ -206,7 +207,7 @@ def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> s
             ax.set_yscale("log")
             ax.set_xlabel("tokens N")
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{title}, D = {hidden}")
+            ax.set_title(f"{title}, {dtype} inputs, D = {hidden}")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     if subtitle:
