@@ -28,11 +28,18 @@ def main(argv=None) -> int:
     parser.add_argument("--total-budget-s", type=float, default=None,
                         help=f"the whole check's limit (default {plan_module.TOTAL_BUDGET_S:.0f} s on the GPU, "
                              f"{plan_module.DRY_RUN_TOTAL_BUDGET_S:.0f} s for the dry run)")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every part's limit and the total (e.g. 4 on a busy shared machine)")
     parser.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers for the tests part")
     args = parser.parse_args(argv)
 
     total = args.total_budget_s or (plan_module.DRY_RUN_TOTAL_BUDGET_S if args.dry_run else plan_module.TOTAL_BUDGET_S)
     parts = plan_module.build_plan(args.dry_run, test_workers=args.test_workers)
+    if args.budget_scale <= 0:
+        parser.error("--budget-scale must be > 0")
+    total *= args.budget_scale
+    for part in parts:
+        part.budget_s *= args.budget_scale
     if args.only:
         wanted = [item for item in args.only.split(",") if item]
         parts = [part for part in parts if any(part.name == item or part.name.startswith(item) for item in wanted)]
