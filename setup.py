@@ -89,8 +89,8 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
+        "torch>=2.11",
+        "triton>=3.6",
         "transformers>=4.50",
         "liger-kernel>=0.5",
         "safetensors",
