@@ -44,7 +44,9 @@ def logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
 
 def _expected(prob, values):
     """sum_v prob * values with 0 * anything = 0 (so p = 0 where values = -inf contributes 0)."""
-    return torch.where(prob > 0, prob * values, torch.zeros_like(values)).sum(-1)
+    # the masked values are replaced before the product, so autograd never forms 0 * -inf either
+    keep = prob > 0
+    return torch.where(keep, prob * torch.where(keep, values, torch.zeros_like(values)), torch.zeros_like(values)).sum(-1)
 
 
 def divergence_from_logits(student_logits, teacher_logits, *, divergence="reverse_kl", beta=1.0, temperature=1.0):
@@ -60,7 +62,10 @@ def divergence_from_logits(student_logits, teacher_logits, *, divergence="revers
     if divergence == "forward_kl":
         return _expected(log_q.exp(), log_q - log_p)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), dim=0)
+        # where both are -inf, so is log m; the masked form keeps autograd free of -inf - -inf too
+        some = (log_p > -math.inf) | (log_q > -math.inf)
+        a, b = (torch.where(some, x, torch.zeros_like(x)) for x in (log_p + math.log(1 - beta), log_q + math.log(beta)))
+        log_m = torch.where(some, torch.logaddexp(a, b), torch.full_like(a, -math.inf))
         kl_q_m = _expected(log_q.exp(), log_q - log_m)
         kl_p_m = _expected(log_p.exp(), log_p - log_m)
         return beta * kl_q_m + (1 - beta) * kl_p_m
