@@ -15,7 +15,7 @@ Two strategies, both bounded by a memory budget and neither holding a tokens x v
 
 Numerics (see crisp_fast.backends): logits are fp32 (the plain upcast computation's); every
 probability, log-ratio and gradient shift is formed from max-shifted logits; row sums are
-accumulated in float64 across vocabulary blocks (fp32 cascade sums within a block); where a bias
+accumulated in float64 (within a block too: see _row_sum); where a bias
 has -inf entries the products with p = 0 are masked, so they contribute exactly 0.
 
 The budget defaults to 40% of the irreducible gradient memory (fp32 dW + dh), at least 32 MiB;
@@ -79,13 +79,19 @@ def _safe(row_max):
     return torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), row_max)
 
 
+def _row_sum(values):
+    """sum over a block's columns in float64: an fp32 sum of a row with one entry near 1 (p_max
+    ~ 1 - 1e-7) absorbs the tail (ulp(1) = 1.2e-7) and the entropy loses all its digits."""
+    return values.sum(dim=1, dtype=torch.float64)
+
+
 def _masked_sum(weights, values, masked):
-    """sum_v weights * values per row, fp32 cascade sum; with `masked`, entries where weights == 0
-    contribute 0 even when values are -inf (0 * -inf)."""
+    """sum_v weights * values per row; with `masked`, entries where weights == 0 contribute 0 even
+    when values are -inf (0 * -inf)."""
     product = weights * values
     if masked:
         product = torch.where(weights > 0, product, 0.0)
-    return product.sum(dim=1).double()
+    return _row_sum(product)
 
 
 class _RowSums:
@@ -128,8 +134,8 @@ class _RowSums:
         xt_shift = xt - _safe(self.max_t).to(xt.dtype)[:, None]
         e_s, e_t = torch.exp(xs_shift), torch.exp(xt_shift)
         difference = xs_shift - xt_shift
-        self.s0_s += e_s.sum(dim=1).double()
-        self.s0_t += e_t.sum(dim=1).double()
+        self.s0_s += _row_sum(e_s)
+        self.s0_t += _row_sum(e_t)
         self.sx_s += _masked_sum(e_s, xs_shift, self.masked)
         self.sx_t += _masked_sum(e_t, xt_shift, self.masked)
         self.sd_s += _masked_sum(e_s, difference, self.masked)
@@ -423,7 +429,7 @@ def _chunk_epilogue(ys_blocks, xt_blocks, block, grad_loss, grad_raw_lse, *, div
     for ys, xt in zip(ys_blocks, xt_blocks):
         sums.update(ys / temperature if temperature != 1.0 else ys, xt, track_max=False)
         if need_raw_lse:
-            raw_s0 += torch.exp(ys - _safe(max_y.double()).to(dtype)[:, None]).sum(dim=1).double()
+            raw_s0 += _row_sum(torch.exp(ys - _safe(max_y.double()).to(dtype)[:, None]))
     sums.finish(block, divergence)
     if need_raw_lse:
         block[:, STUDENT_RAW_MAX], block[:, STUDENT_RAW_LOG_Z] = max_y.double(), torch.log(raw_s0)
