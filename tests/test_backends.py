@@ -177,10 +177,12 @@ def random_problem(n, d, vocab, *, d_teacher=None, spread=1.0, bias=False, **kwa
     return Problem(h_s, h_t, w, w_t, b_s, b_t, **kwargs)
 
 
-def peaked_problem(n=37, d=48, vocab=1009, gap=30.0, **kwargs):
-    """Every row's top logit ~`gap` above the rest: orthonormal hidden states, and the row of W of
+def peaked_problem(n=37, d=48, vocab=1009, gap=None, **kwargs):
+    """Every row's top logit `gap` above the rest (default: 8 to 30 across the rows, so that some
+    rows' gradients are not below fp32 resolution): orthonormal hidden states, and the row of W of
     each row's token carries `gap` times that hidden state. Half the teacher rows agree on the top
     token, half put it elsewhere."""
+    gap = torch.linspace(8.0, 30.0, n)[torch.randperm(n), None] if gap is None else gap
     q, _ = torch.linalg.qr(torch.randn(d, d))
     h_s = q[:n] * 1.0
     w = torch.randn(vocab, d) / d**0.5

@@ -346,7 +346,8 @@ def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, stu
     # three rows x V buffers live at once: this chunk's two logits, the previous chunk's gradient
     rows_per_chunk = max(1, min(n, _budget_bytes(n, d, vocab, need_grad_weight) // (3 * 4 * vocab)))
     widest = max(d, teacher_hidden.shape[1])
-    block_cols = max(256, min(VOCAB_TILE, CAST_BLOCK_BYTES // (4 * widest)))
+    # small D: wide blocks (fewer, larger epilogue ops); large D: a ~4 MiB fp32 weight block
+    block_cols = max(256, min(4 * VOCAB_TILE, CAST_BLOCK_BYTES // (4 * widest)))
     blocks = [(v0, min(vocab, v0 + block_cols)) for v0 in range(0, vocab, block_cols)]
 
     # A chunk's buffer is laid out block-major: block b is a contiguous [rows, v1 - v0] matrix, so
