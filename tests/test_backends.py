@@ -372,3 +372,12 @@ def _fused_deterministic(backend):
                                        backend=backend, deterministic=True)
         return loss, {}
     return run
+
+
+def test_cli_lists_every_registered_backend(capsys):
+    from crisp_fast.cli import main
+
+    assert main(["backends"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines if line and not line.startswith(" ")]
+    assert listed == list(BACKENDS) and lines[0].split()[1] == "ok"
