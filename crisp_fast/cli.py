@@ -27,11 +27,29 @@ COMMANDS = {
 
 
 def backends_main(argv: list[str]) -> int:
+    """Each registered backend, whether it runs here (or why not), and the native build's flags."""
     from crisp_fast.loss import available_backends
 
     for name, state in available_backends().items():
         print(f"{name:8s} {state}")
+        if name == "native" and state == "ok":
+            print(f"{'':8s} {_native_build_info()}")
     return 0
+
+
+def _native_build_info() -> str:
+    """The flags the native extension was built with, when it says (`build_info()`)."""
+    try:
+        from crisp_fast import _native
+    except ImportError as error:  # built by the JIT loader instead: nothing to ask
+        return f"build info unavailable ({error})"
+    build_info = getattr(_native, "build_info", None)
+    if build_info is None:
+        return "build info unavailable (this build of crisp_fast._native does not export build_info())"
+    info = build_info()
+    if isinstance(info, dict):
+        return "built with " + ", ".join(f"{key}={value}" for key, value in info.items())
+    return f"built with {info}"
 
 
 def usage() -> str:

@@ -15,8 +15,12 @@ Divergences (per token, summed over the vocabulary; P = softmax(x_s), Q = softma
     forward_kl : KL(Q || P)                  (JSD with beta = 0)
     jsd(beta)  : beta * KL(Q || M) + (1 - beta) * KL(P || M),   M = beta * Q + (1 - beta) * P
 
-Also: the student's entropy H(P) (tempered, for logging) and the log-sum-exp of the student's
+Also: the entropies H(P) and H(Q) (tempered, for logging) and the log-sum-exp of the student's
 *untempered* capped logits y_s (what a hard cross-entropy term needs).
+
+-inf logits (e.g. a -inf bias entry: a banned token) have probability 0 and contribute exactly 0
+(the convention 0 log 0 = 0; a product 0 * -inf is never formed). A row whose logits are all -inf
+has no distribution: NaN. NaN and +inf propagate.
 """
 from __future__ import annotations
 
@@ -38,6 +42,13 @@ def logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None):
     return z
 
 
+def _expected(prob, values):
+    """sum_v prob * values with 0 * anything = 0 (so p = 0 where values = -inf contributes 0)."""
+    # the masked values are replaced before the product, so autograd never forms 0 * -inf either
+    keep = prob > 0
+    return torch.where(keep, prob * torch.where(keep, values, torch.zeros_like(values)), torch.zeros_like(values)).sum(-1)
+
+
 def divergence_from_logits(student_logits, teacher_logits, *, divergence="reverse_kl", beta=1.0, temperature=1.0):
     """Per-row divergence between softmax(student_logits / T) and softmax(teacher_logits / T)."""
     log_p = torch.log_softmax(student_logits / temperature, dim=-1)
@@ -47,13 +58,16 @@ def divergence_from_logits(student_logits, teacher_logits, *, divergence="revers
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
     if divergence == "reverse_kl":
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _expected(log_p.exp(), log_p - log_q)
     if divergence == "forward_kl":
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
+        return _expected(log_q.exp(), log_q - log_p)
     if divergence == "jsd":
-        log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), dim=0)
-        kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
-        kl_p_m = (log_p.exp() * (log_p - log_m)).sum(-1)
+        # where both are -inf, so is log m; the masked form keeps autograd free of -inf - -inf too
+        some = (log_p > -math.inf) | (log_q > -math.inf)
+        a, b = (torch.where(some, x, torch.zeros_like(x)) for x in (log_p + math.log(1 - beta), log_q + math.log(beta)))
+        log_m = torch.where(some, torch.logaddexp(a, b), torch.full_like(a, -math.inf))
+        kl_q_m = _expected(log_q.exp(), log_q - log_m)
+        kl_p_m = _expected(log_p.exp(), log_p - log_m)
         return beta * kl_q_m + (1 - beta) * kl_p_m
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
@@ -110,7 +124,7 @@ def fused_linear_divergence(
 def token_statistics(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_head_weight=None, *,
                      student_bias=None, teacher_bias=None, temperature=1.0,
                      student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
-    """Per-token logging statistics: student/teacher log-sum-exp of tempered logits, student entropy,
+    """Per-token logging statistics: student/teacher log-sum-exp of tempered logits, both entropies,
     and the student's log-sum-exp of untempered (capped) logits."""
     d = student_hidden.shape[-1]
     hs = student_hidden.reshape(-1, d)
@@ -119,9 +133,11 @@ def token_statistics(student_hidden, teacher_hidden, lm_head_weight, teacher_lm_
     ys = logits(hs, lm_head_weight, student_bias, logit_scale=student_logit_scale, softcap=student_softcap)
     yt = logits(ht, wt, teacher_bias, logit_scale=teacher_logit_scale, softcap=teacher_softcap)
     log_p = torch.log_softmax(ys / temperature, dim=-1)
+    log_q = torch.log_softmax(yt / temperature, dim=-1)
     return {
         "student_lse": torch.logsumexp(ys / temperature, dim=-1),
         "teacher_lse": torch.logsumexp(yt / temperature, dim=-1),
-        "student_entropy": -(log_p.exp() * log_p).sum(-1),
+        "student_entropy": -_expected(log_p.exp(), log_p),
+        "teacher_entropy": -_expected(log_q.exp(), log_q),
         "student_raw_lse": torch.logsumexp(ys, dim=-1),
     }

@@ -7,35 +7,38 @@ and hands every backend the same narrow problem:
 * `student_hidden [N, D]` has the dtype of `weight [V, D]`; `teacher_hidden [N, Dt]` has the dtype
   of `teacher_weight [V, Dt]`; `teacher_weight is None` means the teacher shares `weight`
   (then Dt = D, and a fused backend loads each weight tile once for both sides);
-* biases are fp32 `[V]` or None;
-* the divergence options are keyword arguments (`DivergenceOptions` below, as plain values).
+* biases are fp32 `[V]` or None (entries may be -inf: banned tokens, p = 0 there);
+* the divergence options are keyword arguments (`DivergenceOptions` below, as plain values),
+  including `deterministic` (bitwise-repeatable gradients: no float atomics).
 
-Each backend module exposes
+Every backend module satisfies the `Backend` protocol below (`FusedBackend` when it also has
+`forward_backward`, which produces the gradients in the same sweep as the statistics; used for
+scalar reductions, where the per-token gradient coefficients are known before the loss is).
+`grad_loss [N]` is the upstream gradient of each row's divergence, `grad_raw_lse [N]` (or None)
+that of the untempered student log-sum-exp (STUDENT_RAW_MAX + STUDENT_RAW_LOG_Z).
+`BACKENDS` maps each name to a loader that imports its module on first use.
 
-    is_available() -> tuple[bool, str]           # (usable here?, why not)
+Per-token statistics, fp32 columns of `stats` (defined once, in kernels/stats_layout.py, which the
+Triton kernels import as constants and csrc/stats_layout.h mirrors):
 
-    forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
-            **options) -> stats                  # fp32 [N, NUM_STATS], columns below
+    LOSS               the divergence of the row (reference.divergence_from_logits), unclamped
+    STUDENT_MAX        m_s = max_v x_s, tempered student logits (exact: a max rounds nothing)
+    STUDENT_LOG_Z      log sum_v exp(x_s - m_s)          (logsumexp(x_s) = m_s + log Z_s)
+    TEACHER_MAX        m_t = max_v x_t
+    TEACHER_LOG_Z      log sum_v exp(x_t - m_t)
+    STUDENT_ENTROPY    H(softmax(x_s)), nats
+    TEACHER_ENTROPY    H(softmax(x_t)), nats
+    GRAD_SHIFT         the per-row constant of the gradient (below); 0 for forward_kl
+    STUDENT_RAW_MAX    max of the untempered capped logits y_s; only when need_raw_lse, else 0
+    STUDENT_RAW_LOG_Z  log sum_v exp(y_s - STUDENT_RAW_MAX); only when need_raw_lse, else 0
 
-    backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
-             stats, grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias,
-             **options) -> (grad_hidden fp32 [N, D] | None, grad_weight fp32 [V, D] | None,
-                            grad_bias fp32 [V] | None)
+Why split: a log-sum-exp of logits ~1e4 rounded to fp32 is off by ~1e-3, and p = exp(x - lse) then
+does not sum to 1. Every probability and log-ratio is formed from max-shifted logits instead:
 
-and optionally `forward_backward(... same inputs ..., grad_loss, grad_raw_lse, need_grad_*, **options)
--> (stats, (grad_hidden, grad_weight, grad_bias))` when it can produce the gradients in the same
-sweep as the statistics (used for scalar reductions, where the per-token gradient coefficients are
-known before the loss is). `grad_loss [N]` is the upstream gradient of each row's divergence,
-`grad_raw_lse [N]` (or None) that of column STUDENT_RAW_LSE.
+    log p = (x_s - m_s) - log Z_s,    log p - log q = ((x_s - m_s) - (x_t - m_t)) - (log Z_s - log Z_t)
 
-Per-token statistics, fp32 columns of `stats` (the kernels hard-code the same layout):
-
-    LOSS             the divergence of the row (reference.divergence_from_logits)
-    STUDENT_LSE      logsumexp(x_s), tempered student logits
-    TEACHER_LSE      logsumexp(x_t)
-    STUDENT_ENTROPY  H(softmax(x_s))
-    GRAD_SHIFT       the per-row constant of the gradient (below); 0 for forward_kl
-    STUDENT_RAW_LSE  logsumexp(y_s), untempered capped logits; only filled when need_raw_lse
+A row whose logits are all -inf has max -inf and gives NaN (by contract); other -inf entries give
+p = 0 exactly and finite results (products 0 * -inf are never formed). NaN and +inf propagate.
 
 Gradient with respect to the tempered student logits x_s (p = softmax(x_s), q = softmax(x_t)):
 
@@ -50,11 +53,28 @@ dL/da = dL/dy * scale * (1 - tanh^2(z / cap)) (the last factor only with a softc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
-LOSS, STUDENT_LSE, TEACHER_LSE, STUDENT_ENTROPY, GRAD_SHIFT, STUDENT_RAW_LSE = range(6)
-NUM_STATS = 6
+if TYPE_CHECKING:  # not at runtime: the name `torch` in this package is the torch backend module
+    import torch
+
+try:
+    from crisp_fast.kernels.stats_layout import *  # noqa: F401,F403 - the one definition of the layout
+    from crisp_fast.kernels.stats_layout import NUM_STATS
+except ImportError:  # an uninstalled checkout: kernels/ is a top-level folder
+    from kernels.stats_layout import *  # noqa: F401,F403
+    from kernels.stats_layout import NUM_STATS
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+STATS_COLUMNS = ("LOSS", "STUDENT_MAX", "STUDENT_LOG_Z", "TEACHER_MAX", "TEACHER_LOG_Z", "STUDENT_ENTROPY",
+                 "TEACHER_ENTROPY", "GRAD_SHIFT", "STUDENT_RAW_MAX", "STUDENT_RAW_LOG_Z")
+assert len(STATS_COLUMNS) == NUM_STATS
+
+
+def stats_layout() -> dict[str, int]:
+    """{column name: index}, as the native extension exports it (compared at its import)."""
+    return {name: globals()[name] for name in STATS_COLUMNS + ("NUM_STATS",)}
 
 
 @dataclass(frozen=True)
@@ -69,3 +89,66 @@ class DivergenceOptions:
     student_softcap: float | None = None
     teacher_softcap: float | None = None
     need_raw_lse: bool = False
+    deterministic: bool = False
+
+
+Grads = "tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What `crisp_fast.loss` calls. Options are the `DivergenceOptions` fields as keywords."""
+
+    def is_available(self) -> tuple[bool, str]:
+        """(usable here?, why not)."""
+
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
+                teacher_weight: torch.Tensor | None, student_bias: torch.Tensor | None,
+                teacher_bias: torch.Tensor | None, **options) -> torch.Tensor:
+        """fp32 stats [N, NUM_STATS]."""
+
+    def backward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
+                 teacher_weight: torch.Tensor | None, student_bias: torch.Tensor | None,
+                 teacher_bias: torch.Tensor | None, stats: torch.Tensor, grad_loss: torch.Tensor,
+                 grad_raw_lse: torch.Tensor | None, *, need_grad_hidden: bool, need_grad_weight: bool,
+                 need_grad_bias: bool, **options) -> Grads:
+        """(grad_hidden fp32 [N, D] | None, grad_weight fp32 [V, D] | None, grad_bias fp32 [V] | None);
+        a gradient that is not needed is None and its GEMM is skipped."""
+
+
+@runtime_checkable
+class FusedBackend(Backend, Protocol):
+    """A backend that also computes statistics and gradients in one sweep (4 GEMMs)."""
+
+    def forward_backward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
+                         teacher_weight: torch.Tensor | None, student_bias: torch.Tensor | None,
+                         teacher_bias: torch.Tensor | None, grad_loss: torch.Tensor,
+                         grad_raw_lse: torch.Tensor | None, *, need_grad_hidden: bool, need_grad_weight: bool,
+                         need_grad_bias: bool, **options) -> tuple[torch.Tensor, Grads]:
+        """(stats, grads), as forward and backward would give."""
+
+
+def _load_torch() -> ModuleType:
+    from crisp_fast.backends import torch as module
+    return module
+
+
+def _load_native() -> ModuleType:
+    from crisp_fast.backends import native as module
+    return module
+
+
+def _load_triton() -> ModuleType:
+    from crisp_fast.backends import triton as module
+    return module
+
+
+# name -> loader; a module is imported only when its backend is first asked for
+BACKENDS: dict[str, Callable[[], Backend]] = {"torch": _load_torch, "native": _load_native, "triton": _load_triton}
+
+
+def load_backend(name: str) -> Backend:
+    """The module of backend `name` (ValueError for an unknown name; ImportError if it cannot import)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {name!r}")
+    return BACKENDS[name]()
