@@ -125,6 +125,33 @@ def test_stats_layout_columns(seed):
     assert torch.all(stats[:, LAYOUT.GRAD_SHIFT] == 0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_raw_lse_gradient_at_large_logits(seed, temperature):
+    """The raw student lse's gradient (softmax of the untempered logits, from STUDENT_RAW_MAX and
+    STUDENT_RAW_LOG_Z) with logits offset by ~1e4, where T m_s is not exact in fp32."""
+    h_s, h_t, weight, b_s, b_t = _problem(10, 24, 211, bias=True)
+    b_s = b_s + 9876.5
+    problem = (h_s, h_t, weight, b_s, b_t)
+    options = dict(temperature=temperature, student_scale=1.1)
+    stats = _forward(problem, need_raw_lse=True, **options)
+    coeff = torch.randn(10)
+    grads = BACKWARD.divergence_backward(h_s, h_t, weight, None, b_s, b_t, stats, torch.zeros(10), coeff,
+                                         need_grad_hidden=True, need_grad_weight=True, need_grad_bias=True,
+                                         need_raw_lse=True, **options)
+    def raw_lse_gradients(dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (h_s, weight, b_s)]
+        raw = reference.logits(*leaves, logit_scale=1.1).logsumexp(-1)
+        (coeff.to(dtype) * raw).sum().backward()
+        return raw.detach(), [leaf.grad for leaf in leaves]
+
+    raw, truth = raw_lse_gradients(torch.float64)
+    _, plain = raw_lse_gradients(torch.float32)  # the logits' own fp32 rounding (ulp 1e-3 at 1e4) sets the bar
+    lse = stats[:, LAYOUT.STUDENT_RAW_MAX].double() + stats[:, LAYOUT.STUDENT_RAW_LOG_Z].double()
+    assert (lse - raw).abs().max() < 4e-3
+    for grad, expected, bar in zip(grads, truth, plain):
+        assert _rel(grad, expected) <= 2 * _rel(bar, expected) + 1e-6
+
+
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
 def test_tile_configs_agree_with_float64(seed, divergence, beta):
     """Small tiles (several vocabulary tiles, K-loop steps, partial last tiles) and the
