@@ -6,8 +6,8 @@ is needed: triton.compile targets sm_90 and the wheel's own ptxas/cuobjdump do t
     python -m kernels.sm90_report                     # from the repository root
 
 Kernels: the statistics kernel per divergence mode, the atomic backward, and the two launches of
-the deterministic backward (dh owner, dW owner). The configurations are the ones the launchers choose (forward_config / backward_config) for a
-Qwen3-8B-like problem: D = 4096, V = 151,936, bf16 inputs, 8,192 tokens. `sm90_facts()` returns
+the deterministic backward (dh owner, dW owner). The configurations are the ones the launchers
+choose (forward_config / backward_config) for a Qwen3-8B-like problem: D = 4096, V = 151,936, bf16 inputs, 8,192 tokens. `sm90_facts()` returns
 the facts as a list of dicts for the benchmarks. Must run without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
