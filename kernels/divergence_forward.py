@@ -1,30 +1,41 @@
-"""Forward statistics of the fused linear divergence: per-token loss, log-sum-exps and entropy
-straight from hidden states and the lm_head weight, with no tokens x vocab tensor in memory.
+"""Forward statistics of the fused linear divergence: per-token loss, split log-sum-exps (max and
+log Z) and both entropies straight from hidden states and the lm_head weight, with no tokens x
+vocab tensor in memory. Columns: kernels/stats_layout.py.
 
 Per side, a logits tile is `x = cap(scale * (h W^T + b)) / T` (cap = c * tanh(./c) when a softcap
 is given), computed in fp32 registers by a K-loop of tl.dot over the hidden size. One sweep over
-the vocabulary keeps, per token, an online log-sum-exp of both sides (max m, sum Z) and:
+the vocabulary keeps, per token and side, an online softmax whose sums are all taken relative to
+the running max m (so nothing large ever cancels, at any logit scale):
 
-    E = sum_v exp(x_s - m_s) x_s                 -> entropy H = lse_s - E / Z_s
-    C = sum_v exp(x_s - m_s) (x_s - x_t)         -> reverse KL = C / Z_s - lse_s + lse_t
-    C = sum_v exp(x_t - m_t) (x_t - x_s)         -> forward KL = C / Z_t - lse_t + lse_s
-    R = sum_v exp(T x_s - T m_s)                 -> raw lse = T m_s + log R   (only if asked)
+    Z   = sum_v exp(x - m)                          -> log Z     (lse = m + log Z, never rounded)
+    E   = sum_v exp(x - m) (x - m)                  -> entropy H = log Z - E / Z   (both sides)
+    C   = sum_v exp(x_s - m_s) ((x_s - m_s) - (x_t - m_t))
+                                                    -> reverse KL = C / Z_s - (log Z_s - log Z_t)
+          (forward KL: the same with s and t swapped, weighted by the teacher)
+    R   = sum_v exp(T (x_s - m_s))                  -> raw lse = T m_s + log R   (only if asked)
 
-JSD needs log M = log(beta q + (1-beta) p), i.e. the *final* lse of both sides, before it can sum:
-it runs the same kernel a second time (constexpr MODE = JSD_SECOND), which doubles its forward cost
-to 8 T D V FLOPs and twice the weight/hidden reads. Reverse and forward KL take one sweep (4TDV).
+When the max grows, each sum is rescaled and its first moments moved by Z (m_old - m_new). -inf
+logits (a banned-token bias) weigh 0 and never form 0 * -inf; a row that is all -inf is NaN by
+contract; NaN and +inf propagate to their row. JSD needs log M = log(beta q + (1-beta) p), i.e.
+the final max and log Z of both sides, before it can sum: it runs the same kernel a second time
+(constexpr MODE = JSD_SECOND), which doubles its forward cost to 8 T D V FLOPs and twice the
+weight/hidden reads. Reverse and forward KL take one sweep (4TDV).
 
 Work split: grid = (token blocks, vocabulary splits). A token block of BT rows alone gives only
 N / BT programs (16 for N = 1024, BT = 64, on a 132-SM H100), so the vocabulary is cut into
-`splits` contiguous ranges of whole BV tiles, each program writes its partial (m, Z, E, C, R) per
-row to a [splits, N, 7] fp32 buffer, and `_merge_partials` (a few torch ops on [splits, N]) rescales
-them to the common max. `splits` is chosen so that there are about two waves of programs (from the
-device's SM count); with many tokens it is 1-3. Programs of one split sweep the same W tiles at the
-same time, so W is read from DRAM about once per split wave and reused from L2 by the token blocks.
+`splits` contiguous ranges of whole BV tiles, each program writes its partial (m, Z, E per side,
+C, R) per row to a [splits, N, 8] fp32 buffer, and `_merge_partials` (a few torch ops on
+[splits, N], in float64) rescales them to the row max and forms the loss from log Z's and means.
+`splits` is chosen so that there are about two waves of programs (from the device's SM count);
+with many tokens it is 1-3. Programs of one split sweep the same W tiles at the same time, so W is
+read from DRAM about once per split wave and reused from L2 by the token blocks.
 
-Cost, counted by /work/shared/tools/kernel_traffic.py at N 256, D 256, V 2048, bf16: exactly the
-4 N D V FLOPs of the two logits GEMMs (0.537 GFLOP), 8.4 MB loaded (1.3 MB distinct: each h row once
-per BV tile, each W tile once per token block), 0.11 MB stored; at BV 64 the loads grow to 12.6 MB.
+Cost, counted by /work/shared/tools/kernel_traffic.py (bf16, the GPU tiles BT 64, BV 128, BK 64,
+one split): exactly the 4 N D V FLOPs of the two logits GEMMs; at N 256, D 256, V 2048 0.537
+GFLOP and 8.39 MB loaded (1.31 MB distinct: each h row once per BV tile, each W tile once per
+token block); at N 128, D 128, V 1024 0.067 GFLOP, 1.05 MB loaded (0.33 MB distinct), the same
+before and after the split-layout change (the teacher-entropy sum is registers only; the partial
+buffer grows from 7 to 8 fp32 per row and split). At BV 64 the loads grow by half.
 
 Interpreter mode (TRITON_INTERPRET=1): bf16 arithmetic is not emulated correctly there, so the
 launcher sets UPCAST and every tile is converted to fp32 right after loading.
@@ -38,10 +49,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .stats_layout import (
+    GRAD_SHIFT, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX,
+    TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
+)
+
 REVERSE_KL, FORWARD_KL, JSD_FIRST, JSD_SECOND = 0, 1, 2, 3
 MODES = {"reverse_kl": REVERSE_KL, "forward_kl": FORWARD_KL, "jsd": JSD_FIRST}
-PARTIAL_COLUMNS = 7  # m_s, Z_s, m_t, Z_t, E, C, R
-NUM_STATS = 6        # LOSS, STUDENT_LSE, TEACHER_LSE, STUDENT_ENTROPY, GRAD_SHIFT, STUDENT_RAW_LSE
+PARTIAL_COLUMNS = 8  # m_s, Z_s, m_t, Z_t, E_s, E_t, C, R
 H100_SMS = 132
 
 
@@ -129,11 +144,39 @@ def _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows,
 
 @triton.jit
 def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
-    """log(beta q + (1 - beta) p) from log p and log q, without overflow."""
+    """log(beta q + (1 - beta) p) from log p and log q, without overflow; -inf where both are -inf
+    (the shift by 0 there avoids -inf - -inf)."""
     a = log_p + log_1m_beta
     b = log_q + log_beta
     top = tl.maximum(a, b)
+    top = tl.where(top == float("-inf"), 0.0, top)
     return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
+
+
+@triton.jit
+def _times_log(weight, log_value):
+    """weight * log_value, 0 where the weight (a probability) is 0: a -inf logit or a masked
+    column never forms 0 * -inf or 0 * (-inf - -inf). NaN and +inf weights still propagate."""
+    return tl.where(weight == 0.0, 0.0, weight * log_value)
+
+
+@triton.jit
+def _online_update(m, z, e, x, valid):
+    """One tile of an online softmax over a row: max m, Z = sum exp(x - m) and the shifted first
+    moment E = sum exp(x - m) (x - m), rescaled to the new max. Returns (new m, the shift used,
+    alpha, Z, E, x - shift, exp(x - shift)). A row that is -inf so far shifts by 0 (no -inf - -inf)."""
+    x = tl.where(valid, x, float("-inf"))
+    new_m = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+    alpha = tl.exp(m - shift)
+    centred = x - shift[:, None]
+    weight = tl.exp(centred)  # 0 on invalid columns and -inf logits
+    # old terms: exp(x - shift) (x - shift) = alpha exp(x - m) ((x - m) + (m - shift)); z == 0 rows
+    # (nothing seen yet) have m = -inf and must not form 0 * inf
+    moved = tl.where(z > 0.0, z * (m - shift), 0.0)
+    e = alpha * (e + moved) + tl.sum(_times_log(weight, centred), axis=1)
+    z = alpha * z + tl.sum(weight, axis=1)
+    return new_m, shift, alpha, z, e, centred, weight
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,7 +184,7 @@ def _log_mixture(log_p, log_q, log_1m_beta, log_beta):
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def divergence_stats_kernel(
-    hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, lse_ptr, part_ptr,
+    hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, row_ptr, part_ptr,
     N, V, D, DT, tiles_per_split,
     s_scale, t_scale, s_cap, t_cap, inv_temp, temperature, log_1m_beta, log_beta,
     MODE: tl.constexpr, SHARED_W: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
@@ -151,11 +194,13 @@ def divergence_stats_kernel(
     """Partial per-token statistics of BT tokens over one vocabulary split.
 
     Grid (cdiv(N, BT), splits). MODE 0/1/2 (reverse KL / forward KL / JSD first sweep) write
-    (m_s, Z_s, m_t, Z_t, E, C, R) to part[split, row, :7]; MODE 3 (JSD second sweep) reads the
-    final (lse_s, lse_t) from lse_ptr [N, 2] and writes (KL(p||m), KL(q||m)) to part[split, row, :2].
+    (m_s, Z_s, m_t, Z_t, E_s, E_t, C, R) to part[split, row, :8], every sum taken relative to the
+    running max (E = sum e^(x-m) (x-m), C = the cross term from max-shifted logits, R the raw-lse
+    sum); MODE 3 (JSD second sweep) reads the final (m_s, log Z_s, m_t, log Z_t) from row_ptr [N, 4]
+    and writes (KL(p||m), KL(q||m)) to part[split, row, :2].
     Traffic per program: its BT rows of h_s and h_t (D + Dt elements each) once per BV tile, and
     each W (and W_t) tile of its split once, i.e. (N/BT) x (V D [+ V Dt]) weight elements in all,
-    plus 7 fp32 per row and split written.
+    plus 8 fp32 per row and split written.
     """
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -166,8 +211,10 @@ def divergence_stats_kernel(
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
     if MODE == 3:
-        lse_s = tl.load(lse_ptr + rows * 2, mask=row_ok, other=0.0)
-        lse_t = tl.load(lse_ptr + rows * 2 + 1, mask=row_ok, other=0.0)
+        m_s = tl.load(row_ptr + rows * 4 + 0, mask=row_ok, other=0.0)
+        log_z_s = tl.load(row_ptr + rows * 4 + 1, mask=row_ok, other=0.0)
+        m_t = tl.load(row_ptr + rows * 4 + 2, mask=row_ok, other=0.0)
+        log_z_t = tl.load(row_ptr + rows * 4 + 3, mask=row_ok, other=0.0)
         kl_pm = tl.zeros([BT], dtype=tl.float32)
         kl_qm = tl.zeros([BT], dtype=tl.float32)
     else:
@@ -176,6 +223,7 @@ def divergence_stats_kernel(
         z_s = tl.zeros([BT], dtype=tl.float32)
         z_t = tl.zeros([BT], dtype=tl.float32)
         e_s = tl.zeros([BT], dtype=tl.float32)
+        e_t = tl.zeros([BT], dtype=tl.float32)
         cross = tl.zeros([BT], dtype=tl.float32)
         raw = tl.zeros([BT], dtype=tl.float32)
 
@@ -188,35 +236,33 @@ def divergence_stats_kernel(
                                            UPCAST, PRECISION)
         valid = col_ok[None, :]
         if MODE == 3:
-            log_p = x_s - lse_s[:, None]
-            log_q = x_t - lse_t[:, None]
+            m_s_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+            m_t_safe = tl.where(m_t == float("-inf"), 0.0, m_t)
+            log_p = tl.where(valid, (x_s - m_s_safe[:, None]) - log_z_s[:, None], float("-inf"))
+            log_q = tl.where(valid, (x_t - m_t_safe[:, None]) - log_z_t[:, None], float("-inf"))
             log_m = _log_mixture(log_p, log_q, log_1m_beta, log_beta)
-            kl_pm += tl.sum(tl.where(valid, tl.exp(log_p) * (log_p - log_m), 0.0), axis=1)
-            kl_qm += tl.sum(tl.where(valid, tl.exp(log_q) * (log_q - log_m), 0.0), axis=1)
+            kl_pm += tl.sum(_times_log(tl.exp(log_p), log_p - log_m), axis=1)
+            kl_qm += tl.sum(_times_log(tl.exp(log_q), log_q - log_m), axis=1)
         else:
-            x_s = tl.where(valid, x_s, float("-inf"))
-            x_t = tl.where(valid, x_t, float("-inf"))
-            new_ms = tl.maximum(m_s, tl.max(x_s, axis=1))
-            new_mt = tl.maximum(m_t, tl.max(x_t, axis=1))
-            alpha_s = tl.exp(m_s - new_ms)
-            alpha_t = tl.exp(m_t - new_mt)
-            p = tl.exp(x_s - new_ms[:, None])  # 0 on invalid columns
-            q = tl.exp(x_t - new_mt[:, None])
-            xs0 = tl.where(valid, x_s, 0.0)
-            z_s = z_s * alpha_s + tl.sum(p, axis=1)
-            z_t = z_t * alpha_t + tl.sum(q, axis=1)
-            e_s = e_s * alpha_s + tl.sum(p * xs0, axis=1)
+            old_shift_s = tl.where(m_s == float("-inf"), 0.0, m_s)
+            old_shift_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+            m_s_old = m_s
+            z_s_old = z_s
+            z_t_old = z_t
+            m_s, shift_s, alpha_s, z_s, e_s, cs, p = _online_update(m_s, z_s, e_s, x_s, valid)
+            m_t, shift_t, alpha_t, z_t, e_t, ct, q = _online_update(m_t, z_t, e_t, x_t, valid)
             if MODE == 0:
-                cross = cross * alpha_s + tl.sum(p * (xs0 - tl.where(valid, x_t, 0.0)), axis=1)
+                # sum e^(xs-ms) ((xs-ms) - (xt-mt)); the old terms move by (old ms - new ms) - (old mt - new mt)
+                moved = tl.where(z_s_old > 0.0, z_s_old * ((old_shift_s - shift_s) - (old_shift_t - shift_t)), 0.0)
+                cross = alpha_s * (cross + moved) + tl.sum(_times_log(p, cs - ct), axis=1)
             if MODE == 1:
-                cross = cross * alpha_t + tl.sum(q * (tl.where(valid, x_t, 0.0) - xs0), axis=1)
+                moved = tl.where(z_t_old > 0.0, z_t_old * ((old_shift_t - shift_t) - (old_shift_s - shift_s)), 0.0)
+                cross = alpha_t * (cross + moved) + tl.sum(_times_log(q, ct - cs), axis=1)
             if NEED_RAW:
-                raw = raw * tl.exp(temperature * (m_s - new_ms)) + \
-                    tl.sum(tl.exp(temperature * (x_s - new_ms[:, None])), axis=1)
-            m_s = new_ms
-            m_t = new_mt
+                # R = sum exp(T (x_s - m_s)): the untempered logits' sum relative to T m_s
+                raw = raw * tl.exp(temperature * (m_s_old - shift_s)) + tl.sum(tl.exp(temperature * cs), axis=1)
 
-    out = part_ptr + (pid_s * N + rows) * 7
+    out = part_ptr + (pid_s * N + rows) * 8
     if MODE == 3:
         tl.store(out + 0, kl_pm, mask=row_ok)
         tl.store(out + 1, kl_qm, mask=row_ok)
@@ -226,8 +272,9 @@ def divergence_stats_kernel(
         tl.store(out + 2, m_t, mask=row_ok)
         tl.store(out + 3, z_t, mask=row_ok)
         tl.store(out + 4, e_s, mask=row_ok)
-        tl.store(out + 5, cross, mask=row_ok)
-        tl.store(out + 6, raw, mask=row_ok)
+        tl.store(out + 5, e_t, mask=row_ok)
+        tl.store(out + 6, cross, mask=row_ok)
+        tl.store(out + 7, raw, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,35 +355,54 @@ def scalar_args(temperature, student_scale, teacher_scale, student_softcap, teac
             1.0 / float(temperature), float(temperature), log_1m_beta, log_beta)
 
 
-def _merge_partials(part: torch.Tensor, mode: int, temperature: float, need_raw: bool):
-    """[splits, N, 7] partial online-softmax sums -> per-row (lse_s, lse_t, E/Z_s, C/Z, raw lse)."""
-    m_s, z_s, m_t, z_t, e_s, cross, raw = part.unbind(-1)
-    top_s = m_s.max(0).values
-    top_t = m_t.max(0).values
-    w_s = torch.exp(m_s - top_s)
-    w_t = torch.exp(m_t - top_t)
-    sum_s = (z_s * w_s).sum(0)
-    sum_t = (z_t * w_t).sum(0)
-    lse_s = top_s + torch.log(sum_s)
-    lse_t = top_t + torch.log(sum_t)
-    mean_xs = (e_s * w_s).sum(0) / sum_s
+def _shift(top: torch.Tensor) -> torch.Tensor:
+    """The max a row's sums are taken relative to: the max itself, 0 for a row that is all -inf."""
+    return torch.where(top == float("-inf"), torch.zeros_like(top), top)
+
+
+def _merge_partials(part: torch.Tensor, mode: int, temperature: float, need_raw: bool) -> dict:
+    """[splits, N, 8] partial sums (each relative to its split's max) -> per-row statistics, in
+    float64: the splits are rescaled to the row max exactly (no fp32 rounding of the rescale
+    factors or of the moved first moments), and the loss is formed from log Z's and the shifted
+    means only (never a difference of two large log-sum-exps). Returns a dict of float64 [N]."""
+    m_s, z_s, m_t, z_t, e_s, e_t, cross, raw = part.double().unbind(-1)
+    top_s, top_t = m_s.max(0).values, m_t.max(0).values
+    shift_s, shift_t = _shift(top_s), _shift(top_t)
+    split_s, split_t = _shift(m_s), _shift(m_t)
+    w_s, w_t = torch.exp(split_s - shift_s), torch.exp(split_t - shift_t)
+    zero = torch.zeros_like(z_s)
+    sum_s, sum_t = (z_s * w_s).sum(0), (z_t * w_t).sum(0)
+    moved_s = torch.where(z_s > 0, z_s * (split_s - shift_s), zero)
+    moved_t = torch.where(z_t > 0, z_t * (split_t - shift_t), zero)
+    log_z_s, log_z_t = torch.log(sum_s), torch.log(sum_t)
+    out = dict(m_s=top_s, log_z_s=log_z_s, m_t=top_t, log_z_t=log_z_t,
+               entropy_s=log_z_s - (w_s * (e_s + moved_s)).sum(0) / sum_s,
+               entropy_t=log_z_t - (w_t * (e_t + moved_t)).sum(0) / sum_t)
     if mode == REVERSE_KL:
-        mean_cross = (cross * w_s).sum(0) / sum_s
+        moved = torch.where(z_s > 0, z_s * ((split_s - shift_s) - (split_t - shift_t)), zero)
+        out["loss"] = (w_s * (cross + moved)).sum(0) / sum_s - (log_z_s - log_z_t)
     elif mode == FORWARD_KL:
-        mean_cross = (cross * w_t).sum(0) / sum_t
-    else:
-        mean_cross = None
-    raw_lse = None
+        moved = torch.where(z_t > 0, z_t * ((split_t - shift_t) - (split_s - shift_s)), zero)
+        out["loss"] = (w_t * (cross + moved)).sum(0) / sum_t - (log_z_t - log_z_s)
     if need_raw:
-        raw_lse = temperature * top_s + torch.log((raw * torch.exp(temperature * (m_s - top_s))).sum(0))
-    return lse_s, lse_t, mean_xs, mean_cross, raw_lse
+        # the kernel summed exp(T (x_s - m_s)) with T as the fp32 it received; T m_s is exact in
+        # float64, and its fp32 rounding error goes into log Z so that RAW_MAX + RAW_LOG_Z is exact
+        t32 = float(torch.tensor(temperature, dtype=torch.float32))
+        raw_sum = (raw * torch.exp(t32 * (m_s - top_s).nan_to_num(nan=float("-inf"), neginf=float("-inf")))).sum(0)
+        raw_max = t32 * top_s
+        out["raw_max"] = raw_max
+        out["raw_log_z"] = torch.log(raw_sum) + (raw_max - raw_max.float().double()).nan_to_num(0.0)
+    return out
 
 
 def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=None, student_bias=None,
                        teacher_bias=None, *, divergence="reverse_kl", beta=1.0, temperature=1.0,
                        student_scale=1.0, teacher_scale=1.0, student_softcap=None, teacher_softcap=None,
-                       need_raw_lse=False, config=None):
-    """Per-token statistics, fp32 [N, 6] (columns as in crisp_fast.backends), from contiguous 2-D inputs."""
+                       need_raw_lse=False, deterministic=False, config=None):
+    """Per-token statistics, fp32 [N, NUM_STATS] (columns in stats_layout), from contiguous 2-D
+    inputs. Deterministic whatever `deterministic` says (no atomics: each program owns its rows of
+    one split, and the merge is a fixed-order torch reduction)."""
+    del deterministic
     n, d = student_hidden.shape
     v = weight.shape[0]
     d_t = teacher_hidden.shape[1]
@@ -357,28 +423,29 @@ def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=No
     b_t = weight if teacher_bias is None else teacher_bias
     grid = (triton.cdiv(n, cfg["BT"]), splits)
 
-    def launch(mode_now, lse_pair):
+    def launch(mode_now, row_stats):
         divergence_stats_kernel[grid](
-            student_hidden, teacher_hidden, weight, w_t, b_s, b_t, lse_pair, part,
+            student_hidden, teacher_hidden, weight, w_t, b_s, b_t, row_stats, part,
             n, v, d, d_t, tiles_per_split, *scalars,
             MODE=mode_now, NEED_RAW=bool(need_raw_lse) and mode_now != JSD_SECOND, **flags, **cfg)
 
-    launch(mode, part)  # lse_ptr unused outside the second JSD sweep
-    lse_s, lse_t, mean_xs, mean_cross, raw_lse = _merge_partials(part, mode, temperature, need_raw_lse)
-    stats = torch.zeros((n, NUM_STATS), dtype=torch.float32, device=device)
-    stats[:, 1], stats[:, 2] = lse_s, lse_t
-    stats[:, 3] = lse_s - mean_xs
+    launch(mode, part)  # row_ptr unused outside the second JSD sweep
+    merged = _merge_partials(part, mode, temperature, need_raw_lse)
+    stats = torch.zeros((n, NUM_STATS), dtype=torch.float64, device=device)
+    stats[:, STUDENT_MAX], stats[:, STUDENT_LOG_Z] = merged["m_s"], merged["log_z_s"]
+    stats[:, TEACHER_MAX], stats[:, TEACHER_LOG_Z] = merged["m_t"], merged["log_z_t"]
+    stats[:, STUDENT_ENTROPY], stats[:, TEACHER_ENTROPY] = merged["entropy_s"], merged["entropy_t"]
     if mode == REVERSE_KL:
-        loss = mean_cross - lse_s + lse_t
-        stats[:, 0], stats[:, 4] = loss, loss
+        stats[:, LOSS] = stats[:, GRAD_SHIFT] = merged["loss"]
     elif mode == FORWARD_KL:
-        stats[:, 0] = mean_cross - lse_t + lse_s
+        stats[:, LOSS] = merged["loss"]
     else:
-        lse_pair = torch.stack([lse_s, lse_t], dim=1).contiguous()
-        launch(JSD_SECOND, lse_pair)
-        kl_pm, kl_qm = part[:, :, 0].sum(0), part[:, :, 1].sum(0)
-        stats[:, 0] = beta * kl_qm + (1.0 - beta) * kl_pm
-        stats[:, 4] = kl_pm
+        # the second sweep forms p, q from the stored (fp32) max and log Z, as the backward will
+        row_stats = stats[:, [STUDENT_MAX, STUDENT_LOG_Z, TEACHER_MAX, TEACHER_LOG_Z]].float().contiguous()
+        launch(JSD_SECOND, row_stats)
+        kl_pm, kl_qm = part[:, :, 0].double().sum(0), part[:, :, 1].double().sum(0)
+        stats[:, LOSS] = beta * kl_qm + (1.0 - beta) * kl_pm
+        stats[:, GRAD_SHIFT] = kl_pm
     if need_raw_lse:
-        stats[:, 5] = raw_lse
-    return stats
+        stats[:, STUDENT_RAW_MAX], stats[:, STUDENT_RAW_LOG_Z] = merged["raw_max"], merged["raw_log_z"]
+    return stats.float()

@@ -5,8 +5,9 @@ is needed: triton.compile targets sm_90 and the wheel's own ptxas/cuobjdump do t
     python -m crisp_fast.kernels.sm90_report          # installed package
     python -m kernels.sm90_report                     # from the repository root
 
-The configurations are the ones the launchers choose (forward_config / backward_config) for a
-Qwen3-8B-like problem: D = 4096, V = 151,936, bf16 inputs, 8,192 tokens. `sm90_facts()` returns
+Kernels: the statistics kernel per divergence mode, the atomic backward, and the two launches of
+the deterministic backward (dh owner, dW owner). The configurations are the ones the launchers
+choose (forward_config / backward_config) for a Qwen3-8B-like problem: D = 4096, V = 151,936, bf16 inputs, 8,192 tokens. `sm90_facts()` returns
 the facts as a list of dicts for the benchmarks. Must run without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _signature(fn, pointer_types: dict, constexprs: dict) -> dict:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             signature[name] = pointer_types.get(name, "*fp32")
-        elif name in ("N", "V", "D", "DT", "tiles_per_split"):
+        elif name in ("N", "V", "D", "DT", "tiles_per_split", "blocks_per_split"):
             signature[name] = "i32"
         else:
             signature[name] = "fp32"
@@ -101,6 +102,18 @@ def kernel_variants(dtype: str = "bf16", shape: dict | None = None, *, heavy=(Fa
             variants.append(dict(label=label + tag, fn=bwd.divergence_backward_kernel, constexprs=constexprs,
                                  pointers=inputs, num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"],
                                  splits=None, ints=ints))
+        # deterministic=True: one owner per gradient tile, no atomics (divergence_backward_owned_kernel)
+        token_blocks = -(-shape["n"] // b_cfg["BT"])
+        vocab_tiles = -(-shape["v"] // b_cfg["BV"])
+        for label, own_dh, owners, blocks in (("backward deterministic dh rkl", True, token_blocks, vocab_tiles),
+                                              ("backward deterministic dW rkl", False, vocab_tiles, token_blocks)):
+            split_count = bwd.deterministic_splits(owners, blocks, interpret=False)
+            per_split = -(-blocks // split_count)
+            constexprs = dict(common, MODE=fwd.REVERSE_KL, SHARED_W=True, NEED_RAW=with_options, OWN_DH=own_dh,
+                              NEED_DB=with_options and not own_dh, BT=b_cfg["BT"], BV=b_cfg["BV"], BK=b_cfg["BK"])
+            variants.append(dict(label=label + tag, fn=bwd.divergence_backward_owned_kernel, constexprs=constexprs,
+                                 pointers=inputs, num_warps=b_cfg["num_warps"], num_stages=b_cfg["num_stages"],
+                                 splits=-(-blocks // per_split), ints=dict(ints, blocks_per_split=per_split)))
     return variants
 
 

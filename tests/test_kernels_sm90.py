@@ -1,6 +1,7 @@
 """Compile-only check of every Triton kernel for Hopper (sm_90), no GPU needed: at the tiles the
 launchers choose for D = 4096, V = 151,936, bf16, each kernel compiles, spills nothing and uses
-HGMMA (wgmma). The compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets
+HGMMA (wgmma), and the deterministic backward (deterministic=True) has no atomics at all. The
+compile runs in a subprocess without TRITON_INTERPRET (tests/conftest.py sets
 it for this process). The variants with every option on (bias, softcap, raw lse) and those for an
 unaligned hidden size (D = 4095) are marked slow.
 
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.skipif(not _cuobjdump_present(), reason="the triton whe
 
 EXPECTED_KERNELS = {"forward shared-W rkl", "forward separate-W rkl", "forward shared-W fkl",
                     "forward shared-W jsd sweep 1", "forward shared-W jsd sweep 2",
-                    "backward shared-W rkl", "backward separate-W rkl", "backward shared-W jsd"}
+                    "backward shared-W rkl", "backward separate-W rkl", "backward shared-W jsd",
+                    "backward deterministic dh rkl", "backward deterministic dW rkl"}
 
 
 def _facts(variants: str, *extra: str) -> list[dict]:
@@ -65,7 +67,11 @@ def test_every_kernel_compiles_without_spills_and_with_hgmma(plain_facts):
     for fact in plain_facts:
         _check(fact)
     backward = [f for f in plain_facts if f["kernel"].startswith("backward")]
-    assert all(f["atomics"] > 0 for f in backward), "the backward scatters with fp32 atomics"
+    atomic = [f for f in backward if "deterministic" not in f["kernel"]]
+    owned = [f for f in backward if "deterministic" in f["kernel"]]
+    assert len(owned) == 2 and len(atomic) == 3
+    assert all(f["atomics"] > 0 for f in atomic), "the default backward scatters with fp32 atomics"
+    assert all(f["atomics"] == 0 for f in owned), "deterministic=True must not use atomics"
 
 
 @pytest.mark.slow

@@ -39,8 +39,13 @@ def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias
 
 
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
-             grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, **options):
+             grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, deterministic=False,
+             **options):
+    import torch
+
     _, bwd = _launchers()
+    deterministic = bool(deterministic) or torch.are_deterministic_algorithms_enabled()
     return bwd.divergence_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias,
                                    teacher_bias, stats, grad_loss, grad_raw_lse, need_grad_hidden=need_grad_hidden,
-                                   need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias, **options)
+                                   need_grad_weight=need_grad_weight, need_grad_bias=need_grad_bias,
+                                   deterministic=deterministic, **options)
