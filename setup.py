@@ -27,6 +27,44 @@ def _x86_level():
     return "x86-64-v4" if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags else "x86-64-v3"
 
 
+def _installed_torch_path():
+    """The site-packages folder holding the torch this interpreter runs outside pip's build
+    isolation, or None. `pip install .` builds in an isolated environment without torch; the
+    extension must be compiled against the torch the package will run with, which is the one
+    installed for this same interpreter (a torch pulled into the build environment could be
+    another version, with another C++ ABI)."""
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300,
+                              cwd=os.path.expanduser("~"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else ""
+    return path if path and os.path.isdir(os.path.join(path, "torch")) else None
+
+
+def _import_cpp_extension():
+    """torch.utils.cpp_extension from the build environment, else from the installed torch."""
+    try:
+        from torch.utils import cpp_extension
+        return cpp_extension
+    except ImportError:
+        pass
+    path = _installed_torch_path()
+    if path is None:
+        return None
+    print(f"crisp-fast: building the native backend against the installed torch in {path}", file=sys.stderr)
+    sys.path.append(path)  # after the build environment's own packages (setuptools, wheel)
+    try:
+        from torch.utils import cpp_extension
+        return cpp_extension
+    except ImportError:
+        return None
+
+
 def native_extensions():
     """The csrc/ extension, or nothing when it cannot be built here (never an install failure).
 
@@ -41,19 +79,24 @@ def native_extensions():
     )
     if not sources or os.environ.get("CRISP_FAST_NO_NATIVE") == "1":
         return [], {}
-    try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        print("crisp-fast: torch not importable at build time; skipping the native backend", file=sys.stderr)
+    cpp_extension = _import_cpp_extension()
+    if cpp_extension is None:
+        print("crisp-fast: torch not importable at build time (neither in the build environment nor installed "
+              "for this Python); skipping the native backend. Install torch first, then reinstall crisp-fast "
+              "(`pip install --no-build-isolation .` builds against it)", file=sys.stderr)
         return [], {}
+    BuildExtension, CppExtension = cpp_extension.BuildExtension, cpp_extension.CppExtension
     compile_args = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     level = _x86_level() if os.uname().machine == "x86_64" else None
     if level:
         compile_args.append(f"-march={level}")
+    # the flags, as build_info() reports them (`crisp-fast backends`)
+    define = [("CRISP_NATIVE_BUILD_FLAGS", '"' + " ".join(compile_args) + '"')]
     extension = CppExtension(
         name="crisp_fast._native",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
+        define_macros=define,
         extra_compile_args=compile_args,
         extra_link_args=["-fopenmp"],
     )

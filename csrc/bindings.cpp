@@ -1,10 +1,13 @@
 // Python bindings: the module `crisp_fast._native` (wrapped by crisp_fast/backends/native.py).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
 
 #include "fused_divergence.h"
+#include "gemm.h"
+#include "stats_layout.h"
 
 namespace {
 
@@ -12,7 +15,7 @@ using crisp_native::Options;
 
 Options make_options(const std::string& divergence, double beta, double temperature, double student_scale,
                      double teacher_scale, std::optional<double> student_softcap, std::optional<double> teacher_softcap,
-                     bool need_raw_lse) {
+                     bool need_raw_lse, bool deterministic) {
   Options o;
   if (divergence == "reverse_kl") o.divergence = crisp_native::kReverseKL;
   else if (divergence == "forward_kl") o.divergence = crisp_native::kForwardKL;
@@ -29,6 +32,7 @@ Options make_options(const std::string& divergence, double beta, double temperat
   o.student_softcap = student_softcap.value_or(0.0);
   o.teacher_softcap = teacher_softcap.value_or(0.0);
   o.need_raw_lse = need_raw_lse;
+  o.deterministic = deterministic;
   return o;
 }
 
@@ -36,6 +40,37 @@ at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value
 
 std::optional<at::Tensor> maybe(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// What this module was compiled with (setup.py passes its flags in CRISP_NATIVE_BUILD_FLAGS).
+#ifndef CRISP_NATIVE_BUILD_FLAGS
+#define CRISP_NATIVE_BUILD_FLAGS "unknown (built outside setup.py)"
+#endif
+
+std::string march_level() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  return "x86-64-v4 (AVX-512)";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "x86-64-v3 (AVX2, FMA)";
+#elif defined(__x86_64__)
+  return "x86-64 baseline (SSE2)";
+#elif defined(__aarch64__)
+  return "aarch64";
+#else
+  return "unknown";
+#endif
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["compiler"] = std::string(__VERSION__);
+  info["flags"] = std::string(CRISP_NATIVE_BUILD_FLAGS);
+  info["march"] = march_level();
+  info["blas"] = std::string(at::hasMKL() ? "MKL" : "non-MKL BLAS") + (at::hasMKLDNN() ? " + oneDNN" : "");
+  info["threads"] = at::get_num_threads();
+  info["parallel"] = at::get_parallel_info();
+  info["low_precision_gemm"] = crisp_native::low_precision_gemm();
+  return info;
 }
 
 }  // namespace
@@ -47,11 +82,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, const std::optional<at::Tensor>& wt,
            const std::optional<at::Tensor>& bs, const std::optional<at::Tensor>& bt, const std::string& divergence,
            double beta, double temperature, double student_scale, double teacher_scale,
-           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse) {
+           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
           pybind11::gil_scoped_release no_gil;
           return crisp_native::forward(hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt),
                                        make_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                                    student_softcap, teacher_softcap, need_raw_lse));
+                                                    student_softcap, teacher_softcap, need_raw_lse, deterministic));
         });
 
   m.def("backward",
@@ -60,12 +95,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_raw_lse, bool need_hidden,
            bool need_weight, bool need_bias, const std::string& divergence, double beta, double temperature,
            double student_scale, double teacher_scale, std::optional<double> student_softcap,
-           std::optional<double> teacher_softcap, bool need_raw_lse) {
+           std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
           pybind11::gil_scoped_release no_gil;
           auto g = crisp_native::backward(hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt), stats,
                                           grad_loss, or_undefined(grad_raw_lse), need_hidden, need_weight, need_bias,
                                           make_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                                       student_softcap, teacher_softcap, need_raw_lse));
+                                                       student_softcap, teacher_softcap, need_raw_lse, deterministic));
           return std::make_tuple(maybe(g.hidden), maybe(g.weight), maybe(g.bias));
         });
 
@@ -74,15 +109,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const std::optional<at::Tensor>& bs, const std::optional<at::Tensor>& bt, const at::Tensor& grad_loss,
            const std::optional<at::Tensor>& grad_raw_lse, bool need_hidden, bool need_weight, bool need_bias,
            const std::string& divergence, double beta, double temperature, double student_scale, double teacher_scale,
-           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse) {
+           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
           pybind11::gil_scoped_release no_gil;
           auto [stats, g] = crisp_native::forward_backward(
               hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt), grad_loss, or_undefined(grad_raw_lse),
               need_hidden, need_weight, need_bias,
               make_options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap,
-                           teacher_softcap, need_raw_lse));
+                           teacher_softcap, need_raw_lse, deterministic));
           return std::make_tuple(stats, std::make_tuple(maybe(g.hidden), maybe(g.weight), maybe(g.bias)));
         });
+
+  m.def("stats_layout", [] {
+    pybind11::dict layout;
+    for (const auto& column : crisp_native::kStatNames) layout[column.name] = column.value;
+    return layout;
+  }, "The stats columns this module was compiled with (csrc/stats_layout.h), {name: index}.");
+
+  m.def("build_info", &build_info, "Compiler, flags, -march level, BLAS, threads and GEMM path of this build.");
 
   m.def("plan",
         [](int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows) {

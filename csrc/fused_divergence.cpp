@@ -16,6 +16,7 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 #include <vector>
@@ -24,6 +25,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "gemm.h"
 #include "row_epilogue.h"
 
 namespace crisp_native {
@@ -49,6 +51,8 @@ struct Problem {
   at::Tensor student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias;
   int64_t n = 0, vocab = 0, d = 0, d_t = 0;
   bool shared = false, low_precision = false;
+  // the dtype each side's GEMMs read: the input dtype on the mixed path (gemm.h), else fp32
+  at::ScalarType student_gemm_dtype = at::kFloat, teacher_gemm_dtype = at::kFloat;
   Options options;
 };
 
@@ -81,6 +85,11 @@ Problem make_problem(const at::Tensor& hs, const at::Tensor& ht, const at::Tenso
   p.d = hs.size(1);
   p.d_t = ht.size(1);
   p.low_precision = hs.scalar_type() != at::kFloat || ht.scalar_type() != at::kFloat;
+  auto gemm_dtype = [](at::ScalarType dtype) {
+    return choose_gemm_path(dtype) == GemmPath::kInputDtype ? dtype : at::kFloat;
+  };
+  p.student_gemm_dtype = gemm_dtype(hs.scalar_type());
+  p.teacher_gemm_dtype = p.shared ? p.student_gemm_dtype : gemm_dtype(ht.scalar_type());
   p.options = options;
   return p;
 }
@@ -108,73 +117,112 @@ AlignedFloats aligned_floats(int64_t count) {
   return AlignedFloats(static_cast<float*>(data));
 }
 
+// Rows of a chunk handed out one at a time from a shared counter instead of a static split: when
+// another process takes one of the cores, the thread there gets fewer rows and the join does not
+// wait for it (issue 16: a static split ran at the slow core's pace, 4.6x the floor). A row's
+// result does not depend on which thread computes it, so this stays bitwise deterministic.
+template <typename RowFn>
+void for_each_row(int64_t rows, const RowFn& fn) {
+  const int64_t workers = std::min<int64_t>(rows, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    for (int64_t r = 0; r < rows; ++r) fn(r);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t r = next.fetch_add(1, std::memory_order_relaxed); r < rows;
+         r = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(r);
+    }
+  });
+}
+
+int64_t element_size(at::ScalarType dtype) { return dtype == at::kFloat ? 4 : 2; }
+
 // Scratch memory: plain heap buffers (no tensor allocations; the GEMMs write into views of them).
 struct Workspace {
   Plan plan;
-  AlignedFloats logits, student_rows, teacher_rows, weight_block, teacher_weight_block;
+  AlignedFloats logits, student_rows, teacher_rows, weight_block, teacher_weight_block, grad_tile;
   int64_t logits_block_stride = 0;  // floats between vocabulary blocks in `logits`
+
+  static AlignedFloats bytes(int64_t count) { return aligned_floats((count + 3) / 4); }
 
   Workspace(const Problem& p, const Plan& plan_) : plan(plan_) {
     const int64_t rows = plan.chunk_rows, block = plan.vocab_block;
     logits_block_stride = 2 * rows * block;
     const int64_t blocks = plan.full_rows ? (p.vocab + block - 1) / block : 1;
     logits = aligned_floats(blocks * logits_block_stride);
-    // the student and teacher rows of a chunk sit back to back so a shared weight needs one GEMM
-    student_rows = aligned_floats(rows * (p.shared ? 2 * p.d : p.d));
-    if (!p.shared) teacher_rows = aligned_floats(rows * p.d_t);
-    if (p.low_precision) {
-      weight_block = aligned_floats(block * p.d);
-      if (!p.shared) teacher_weight_block = aligned_floats(block * p.d_t);
-    }
+    // the student and teacher rows of a chunk sit back to back so a shared weight needs one GEMM;
+    // they are kept in the dtype the GEMMs read (the input dtype on the mixed path, else fp32)
+    student_rows = bytes(rows * (p.shared ? 2 * p.d : p.d) * element_size(p.student_gemm_dtype));
+    if (!p.shared) teacher_rows = bytes(rows * p.d_t * element_size(p.teacher_gemm_dtype));
+    if (p.student_gemm_dtype != p.student_hidden.scalar_type()) weight_block = aligned_floats(block * p.d);
+    if (!p.shared && p.teacher_gemm_dtype != p.teacher_hidden.scalar_type())
+      teacher_weight_block = aligned_floats(block * p.d_t);
+    // the gradient tile rounded to the input dtype for the mixed dh / dW GEMMs
+    if (p.student_gemm_dtype != at::kFloat) grad_tile = bytes(rows * block * 2);
   }
 };
 
-at::Tensor view(float* data, at::IntArrayRef sizes) {
-  return at::from_blob(data, sizes, at::TensorOptions().dtype(at::kFloat));
+at::Tensor view(void* data, at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(dtype));
 }
 
 struct Chunk {
   int64_t row0, rows;
-  at::Tensor student_hidden, teacher_hidden, stacked_hidden;  // fp32 views of the workspace
+  // views of the workspace in the GEMM dtype of each side
+  at::Tensor student_hidden, teacher_hidden, stacked_hidden;
 };
 
 Chunk load_chunk(const Problem& p, Workspace& ws, int64_t row0, int64_t rows) {
   Chunk c{row0, rows, {}, {}, {}};
   if (p.shared) {
-    c.stacked_hidden = view(ws.student_rows.get(), {2 * rows, p.d});
+    c.stacked_hidden = view(ws.student_rows.get(), {2 * rows, p.d}, p.student_gemm_dtype);
     c.stacked_hidden.narrow(0, 0, rows).copy_(p.student_hidden.narrow(0, row0, rows));
     c.stacked_hidden.narrow(0, rows, rows).copy_(p.teacher_hidden.narrow(0, row0, rows));
     c.student_hidden = c.stacked_hidden.narrow(0, 0, rows);
   } else {
-    c.student_hidden = view(ws.student_rows.get(), {rows, p.d});
+    c.student_hidden = view(ws.student_rows.get(), {rows, p.d}, p.student_gemm_dtype);
     c.student_hidden.copy_(p.student_hidden.narrow(0, row0, rows));
-    c.teacher_hidden = view(ws.teacher_rows.get(), {rows, p.d_t});
+    c.teacher_hidden = view(ws.teacher_rows.get(), {rows, p.d_t}, p.teacher_gemm_dtype);
     c.teacher_hidden.copy_(p.teacher_hidden.narrow(0, row0, rows));
   }
   return c;
 }
 
-// fp32 view of weight rows [v0, v0 + count): the tensor itself for fp32, else a converted copy
-at::Tensor weight_block(const at::Tensor& weight, float* scratch, int64_t v0, int64_t count) {
+// Weight rows [v0, v0 + count) in the GEMM dtype: the tensor itself, or a converted fp32 copy
+at::Tensor weight_block(const at::Tensor& weight, at::ScalarType gemm_dtype, float* scratch, int64_t v0,
+                        int64_t count) {
   at::Tensor rows = weight.narrow(0, v0, count);
-  if (weight.scalar_type() == at::kFloat) return rows;
+  if (weight.scalar_type() == gemm_dtype) return rows;
   at::Tensor out = view(scratch, {count, weight.size(1)});
   out.copy_(rows);
   return out;
 }
 
-// Raw logits of one block: rows [0, rows) student, [rows, 2 rows) teacher. Returns W_b in fp32.
-at::Tensor block_logits(const Problem& p, Workspace& ws, const Chunk& c, int64_t v0, int64_t count, float* out) {
-  at::Tensor w_block = weight_block(p.weight, ws.weight_block.get(), v0, count);
-  if (p.shared) {
-    at::Tensor logits = view(out, {2 * c.rows, count});
-    at::mm_out(logits, c.stacked_hidden, w_block.t());
+// out[m, count] = hidden[m, k] W_b^T, fp32 out: ATen's mm for fp32, MKL's mixed GEMM otherwise
+void logits_gemm(const at::Tensor& hidden, const at::Tensor& w_block, float* out) {
+  const int64_t m = hidden.size(0), k = hidden.size(1), count = w_block.size(0);
+  if (hidden.scalar_type() == at::kFloat) {
+    at::Tensor logits = view(out, {m, count});
+    at::mm_out(logits, hidden, w_block.t());
   } else {
-    at::Tensor student_logits = view(out, {c.rows, count});
-    at::mm_out(student_logits, c.student_hidden, w_block.t());
-    at::Tensor wt_block = weight_block(p.teacher_weight, ws.teacher_weight_block.get(), v0, count);
-    at::Tensor teacher_logits = view(out + c.rows * count, {c.rows, count});
-    at::mm_out(teacher_logits, c.teacher_hidden, wt_block.t());
+    mixed_gemm(hidden.scalar_type(), false, true, m, count, k, 1.0f, hidden.data_ptr(), k, w_block.data_ptr(), k,
+               0.0f, out, count);
+  }
+}
+
+// Raw logits of one block: rows [0, rows) student, [rows, 2 rows) teacher. Returns the student
+// side's W_b in its GEMM dtype.
+at::Tensor block_logits(const Problem& p, Workspace& ws, const Chunk& c, int64_t v0, int64_t count, float* out) {
+  at::Tensor w_block = weight_block(p.weight, p.student_gemm_dtype, ws.weight_block.get(), v0, count);
+  if (p.shared) {
+    logits_gemm(c.stacked_hidden, w_block, out);
+  } else {
+    logits_gemm(c.student_hidden, w_block, out);
+    at::Tensor wt_block =
+        weight_block(p.teacher_weight, p.teacher_gemm_dtype, ws.teacher_weight_block.get(), v0, count);
+    logits_gemm(c.teacher_hidden, wt_block, out + c.rows * count);
   }
   return w_block;
 }
@@ -188,16 +236,34 @@ void transform_rows(const Problem& p, float* block, int64_t rows, int64_t v0, in
                 count, static_cast<float>(o.teacher_scale), static_cast<float>(o.teacher_softcap), inv_t);
 }
 
+// After gradient_row: on the mixed path, row r of G_b rounded to the input dtype for the GEMMs
+void round_gradient_row(const Problem& p, Workspace& ws, const float* g_row, int64_t r, int64_t count) {
+  if (p.student_gemm_dtype == at::kFloat) return;
+  round_floats(p.student_gemm_dtype, g_row, reinterpret_cast<uint16_t*>(ws.grad_tile.get()) + r * count, count);
+}
+
 // G_b (student half of `block`) into dh, dW and db
-void apply_gradient_block(const Problem& p, const Chunk& c, const at::Tensor& w_block, float* block, int64_t v0,
-                          int64_t count, bool first_chunk, Grads& grads) {
-  at::Tensor g = view(block, {c.rows, count});
-  if (grads.hidden.defined()) grads.hidden.narrow(0, c.row0, c.rows).addmm_(g, w_block);
-  if (grads.weight.defined()) {
-    at::Tensor dw = grads.weight.narrow(0, v0, count);
-    // the first chunk writes dW instead of accumulating, saving a zero fill and a read of dW
-    if (first_chunk) at::mm_out(dw, g.t(), c.student_hidden);
-    else dw.addmm_(g.t(), c.student_hidden);
+void apply_gradient_block(const Problem& p, Workspace& ws, const Chunk& c, const at::Tensor& w_block, float* block,
+                          int64_t v0, int64_t count, bool first_chunk, Grads& grads) {
+  if (p.student_gemm_dtype != at::kFloat) {
+    // G_b rounded to bf16/fp16 (as the plain computation in that dtype does), fp32 accumulators
+    const at::ScalarType dtype = p.student_gemm_dtype;
+    const void* g = ws.grad_tile.get();
+    if (grads.hidden.defined())
+      mixed_gemm(dtype, false, false, c.rows, p.d, count, 1.0f, g, count, w_block.data_ptr(), p.d, 1.0f,
+                 grads.hidden.data_ptr<float>() + c.row0 * p.d, p.d);
+    if (grads.weight.defined())
+      mixed_gemm(dtype, true, false, count, p.d, c.rows, 1.0f, g, count, c.student_hidden.data_ptr(), p.d,
+                 first_chunk ? 0.0f : 1.0f, grads.weight.data_ptr<float>() + v0 * p.d, p.d);
+  } else {
+    at::Tensor g = view(block, {c.rows, count});
+    if (grads.hidden.defined()) grads.hidden.narrow(0, c.row0, c.rows).addmm_(g, w_block);
+    if (grads.weight.defined()) {
+      at::Tensor dw = grads.weight.narrow(0, v0, count);
+      // the first chunk writes dW instead of accumulating, saving a zero fill and a read of dW
+      if (first_chunk) at::mm_out(dw, g.t(), c.student_hidden);
+      else dw.addmm_(g.t(), c.student_hidden);
+    }
   }
   if (grads.bias.defined()) {
     float* db = grads.bias.data_ptr<float>() + v0;
@@ -220,9 +286,21 @@ Grads make_grads(const Problem& p, bool need_hidden, bool need_weight, bool need
   return grads;
 }
 
-RowGrad row_grad(const float* stats_row, const float* grad_loss, const float* grad_raw_lse, int64_t i) {
-  return RowGrad{stats_row[kStudentLse], stats_row[kTeacherLse], stats_row[kGradShift], stats_row[kStudentRawLse],
-                 grad_loss[i], grad_raw_lse ? grad_raw_lse[i] : 0.0f};
+RowGrad row_grad(const float* stats_row, Divergence divergence, const float* grad_loss, const float* grad_raw_lse,
+                 int64_t i) {
+  RowGrad g;
+  g.max_s = stats_row[kStudentMax];
+  g.log_zs = stats_row[kStudentLogZ];
+  g.max_t = stats_row[kTeacherMax];
+  g.log_zt = stats_row[kTeacherLogZ];
+  // reverse KL: log p - log q - KL = (us - ut) - [(log Z_s - log Z_t) + KL], the bracket in double
+  g.shift = divergence == kReverseKL
+                ? static_cast<float>((double(g.log_zs) - double(g.log_zt)) + double(stats_row[kGradShift]))
+                : stats_row[kGradShift];
+  g.raw_log_z = stats_row[kStudentRawLogZ];
+  g.loss_coeff = grad_loss[i];
+  g.raw_coeff = grad_raw_lse ? grad_raw_lse[i] : 0.0f;
+  return g;
 }
 
 // Phases A and B over one chunk: stats rows [row0, row0 + rows). With full rows the logits stay
@@ -236,34 +314,46 @@ void chunk_statistics(const Problem& p, Workspace& ws, const Chunk& c, float* st
     const int64_t count = std::min(block, p.vocab - v0);
     float* out = ws.logits.get() + (ws.plan.full_rows ? b * ws.logits_block_stride : 0);
     block_logits(p, ws, c, v0, count, out);
-    at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        transform_rows(p, out, c.rows, v0, count, r);
-        accumulate_block(out + r * count, out + (c.rows + r) * count, count, o.divergence, temperature,
-                         o.need_raw_lse, states[r]);
-      }
+    for_each_row(c.rows, [&](int64_t r) {
+      transform_rows(p, out, c.rows, v0, count, r);
+      accumulate_block(out + r * count, out + (c.rows + r) * count, count, o.divergence, temperature,
+                       o.need_raw_lse, states[r]);
     });
   }
-  at::parallel_for(0, c.rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* stats_row = stats + (c.row0 + r) * kNumStats;
-      finish_row(states[r], o.divergence, o.temperature, o.need_raw_lse, stats_row);
-      if (o.divergence != kJSD || states[r].poisoned) continue;
-      TORCH_INTERNAL_ASSERT(ws.plan.full_rows, "jsd statistics need the full rows");
-      double kl_q_m = 0, kl_p_m = 0;
-      for (int64_t v0 = 0, b = 0; v0 < p.vocab; v0 += block, ++b) {
-        const int64_t count = std::min(block, p.vocab - v0);
-        const float* out = ws.logits.get() + b * ws.logits_block_stride;
-        jsd_block_terms(out + r * count, out + (c.rows + r) * count, count, stats_row[kStudentLse],
-                        stats_row[kTeacherLse], static_cast<float>(o.beta), kl_q_m, kl_p_m);
-      }
-      stats_row[kLoss] = static_cast<float>(o.beta * kl_q_m + (1.0 - o.beta) * kl_p_m);
-      stats_row[kGradShift] = static_cast<float>(kl_p_m);
+  for_each_row(c.rows, [&](int64_t r) {
+    float* stats_row = stats + (c.row0 + r) * kNumStats;
+    finish_row(states[r], o.divergence, o.temperature, o.need_raw_lse, stats_row);
+    if (o.divergence != kJSD || stats_row[kLoss] != stats_row[kLoss]) return;  // NaN rows stay NaN
+    TORCH_INTERNAL_ASSERT(ws.plan.full_rows, "jsd statistics need the full rows");
+    double kl_q_m = 0, kl_p_m = 0;
+    for (int64_t v0 = 0, b = 0; v0 < p.vocab; v0 += block, ++b) {
+      const int64_t count = std::min(block, p.vocab - v0);
+      const float* out = ws.logits.get() + b * ws.logits_block_stride;
+      jsd_block_terms(out + r * count, out + (c.rows + r) * count, count, stats_row[kStudentMax],
+                      stats_row[kStudentLogZ], stats_row[kTeacherMax], stats_row[kTeacherLogZ],
+                      static_cast<float>(o.beta), kl_q_m, kl_p_m);
     }
+    stats_row[kLoss] = static_cast<float>(o.beta * kl_q_m + (1.0 - o.beta) * kl_p_m);
+    stats_row[kGradShift] = static_cast<float>(kl_p_m);
   });
 }
 
-float* optional_data(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+// Phase C's element-wise part for row r of one block: the gradient tile over the student logits
+// (already transformed), then its rounded copy on the mixed path.
+void gradient_tile_row(const Problem& p, Workspace& ws, float* out, int64_t rows, int64_t count, int64_t r,
+                       const float* stats_row, float loss_coeff, const float* grad_raw_row) {
+  const Options& o = p.options;
+  const RowGrad rg = row_grad(stats_row, o.divergence, &loss_coeff, grad_raw_row, 0);
+  gradient_row(out + r * count, out + (rows + r) * count, count, rg, o.divergence, grad_raw_row != nullptr,
+               static_cast<float>(o.beta), static_cast<float>(o.temperature), static_cast<float>(o.student_scale),
+               static_cast<float>(o.student_softcap));
+  round_gradient_row(p, ws, out + r * count, r, count);
+}
+
+// &grad_raw_lse[i], or null when there is no raw-lse gradient
+const float* raw_row(const at::Tensor& grad_raw, int64_t i) {
+  return grad_raw.defined() ? grad_raw.data_ptr<float>() + i : nullptr;
+}
 
 at::Tensor as_rows(const at::Tensor& t, int64_t n, const char* name) {
   if (!t.defined()) return t;
@@ -284,14 +374,15 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   } else if (full_rows) {
     const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
-    const double per_row = 2.0 * 4.0 * vocab + 4.0 * (d + d_t);
+    // fp32 logits of both sides, the hidden rows, and (low precision) the rounded gradient tile
+    const double per_row = 2.0 * 4.0 * vocab + 4.0 * (d + d_t) + (low_precision ? 2.0 * plan.vocab_block : 0.0);
     rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
     rows = std::min(rows, kMaxChunkRows);
   } else {
     // streaming keeps one block of both sides; small hidden sizes (tiny gradients) get fewer rows
     const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
-    const double per_row = 2.0 * 4.0 * plan.vocab_block + 4.0 * (d + d_t);
+    const double per_row = 2.0 * 4.0 * plan.vocab_block + 4.0 * (d + d_t) + (low_precision ? 2.0 * plan.vocab_block : 0.0);
     rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
     rows = std::min(rows, kStreamChunkRows);
   }
@@ -302,7 +393,7 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   plan.chunk_rows = rows;
   const int64_t blocks = full_rows ? (vocab + plan.vocab_block - 1) / plan.vocab_block : 1;
   plan.workspace_bytes = 4 * (blocks * 2 * rows * plan.vocab_block + rows * (d + d_t) +
-                              (low_precision ? plan.vocab_block * (d + d_t) : 0));
+                              (low_precision ? plan.vocab_block * (d + d_t) + rows * plan.vocab_block / 2 : 0));
   return plan;
 }
 
@@ -333,7 +424,6 @@ std::tuple<at::Tensor, Grads> forward_backward(const at::Tensor& hs, const at::T
   at::Tensor stats = at::zeros({p.n, kNumStats}, at::TensorOptions().dtype(at::kFloat));
   Grads grads = make_grads(p, need_hidden, need_weight, need_bias);
   Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, true));
-  const Options& o = options;
   const int64_t block = ws.plan.vocab_block;
   for (int64_t row0 = 0; row0 < p.n; row0 += ws.plan.chunk_rows) {
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);
@@ -342,17 +432,12 @@ std::tuple<at::Tensor, Grads> forward_backward(const at::Tensor& hs, const at::T
     for (int64_t v0 = 0, b = 0; v0 < p.vocab; v0 += block, ++b) {
       const int64_t count = std::min(block, p.vocab - v0);
       float* out = ws.logits.get() + b * ws.logits_block_stride;
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const RowGrad rg = row_grad(stats.data_ptr<float>() + (row0 + r) * kNumStats, grad_loss.data_ptr<float>(),
-                                      optional_data(grad_raw), row0 + r);
-          gradient_row(out + r * count, out + (rows + r) * count, count, rg, o.divergence, grad_raw.defined(),
-                       static_cast<float>(o.beta), static_cast<float>(o.temperature),
-                       static_cast<float>(o.student_scale), static_cast<float>(o.student_softcap));
-        }
+      for_each_row(rows, [&](int64_t r) {
+        gradient_tile_row(p, ws, out, rows, count, r, stats.data_ptr<float>() + (row0 + r) * kNumStats,
+                          grad_loss.data_ptr<float>()[row0 + r], raw_row(grad_raw, row0 + r));
       });
-      at::Tensor w_block = weight_block(p.weight, ws.weight_block.get(), v0, count);
-      apply_gradient_block(p, c, w_block, out, v0, count, row0 == 0, grads);
+      at::Tensor w_block = weight_block(p.weight, p.student_gemm_dtype, ws.weight_block.get(), v0, count);
+      apply_gradient_block(p, ws, c, w_block, out, v0, count, row0 == 0, grads);
     }
   }
   return {stats, grads};
@@ -374,7 +459,6 @@ Grads backward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, 
   Grads grads = make_grads(p, need_hidden, need_weight, need_bias);
   if (!need_hidden && !need_weight && !need_bias) return grads;
   Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, false));
-  const Options& o = options;
   const int64_t block = ws.plan.vocab_block;
   for (int64_t row0 = 0; row0 < p.n; row0 += ws.plan.chunk_rows) {
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);
@@ -383,17 +467,12 @@ Grads backward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, 
       const int64_t count = std::min(block, p.vocab - v0);
       float* out = ws.logits.get();
       at::Tensor w_block = block_logits(p, ws, c, v0, count, out);
-      at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          transform_rows(p, out, rows, v0, count, r);
-          const RowGrad rg = row_grad(stats.data_ptr<float>() + (row0 + r) * kNumStats, grad_loss.data_ptr<float>(),
-                                      optional_data(grad_raw), row0 + r);
-          gradient_row(out + r * count, out + (rows + r) * count, count, rg, o.divergence, grad_raw.defined(),
-                       static_cast<float>(o.beta), static_cast<float>(o.temperature),
-                       static_cast<float>(o.student_scale), static_cast<float>(o.student_softcap));
-        }
+      for_each_row(rows, [&](int64_t r) {
+        transform_rows(p, out, rows, v0, count, r);
+        gradient_tile_row(p, ws, out, rows, count, r, stats.data_ptr<float>() + (row0 + r) * kNumStats,
+                          grad_loss.data_ptr<float>()[row0 + r], raw_row(grad_raw, row0 + r));
       });
-      apply_gradient_block(p, c, w_block, out, v0, count, row0 == 0, grads);
+      apply_gradient_block(p, ws, c, w_block, out, v0, count, row0 == 0, grads);
     }
   }
   return grads;

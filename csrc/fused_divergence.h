@@ -1,8 +1,9 @@
 // The native CPU backend of crisp-fast's fused linear divergence: public C++ interface.
 //
 // Same contract as crisp_fast/backends/__init__.py (the Python protocol docstring is the spec):
-// rows already compacted and contiguous, biases fp32 or undefined, `teacher_weight` undefined
-// when the teacher shares `weight`, statistics fp32 [N, 6], gradients fp32.
+// rows already compacted and contiguous, biases fp32 or undefined (-inf entries allowed: p = 0
+// there), `teacher_weight` undefined when the teacher shares `weight`, statistics fp32
+// [N, kNumStats] in the layout of stats_layout.h, gradients fp32.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,10 +11,11 @@
 #include <cstdint>
 #include <tuple>
 
+#include "stats_layout.h"
+
 namespace crisp_native {
 
 enum Divergence : int64_t { kReverseKL = 0, kForwardKL = 1, kJSD = 2 };
-enum StatColumn : int64_t { kLoss = 0, kStudentLse, kTeacherLse, kStudentEntropy, kGradShift, kStudentRawLse, kNumStats };
 
 struct Options {
   Divergence divergence = kReverseKL;
@@ -22,6 +24,9 @@ struct Options {
   double student_scale = 1.0, teacher_scale = 1.0;
   double student_softcap = 0.0, teacher_softcap = 0.0;  // 0 = no softcap
   bool need_raw_lse = false;
+  // Bitwise-repeatable results. Always true of this backend (fixed chunking, fixed reduction
+  // order, no atomics, GEMMs on fixed shapes): accepted so the protocol is the same everywhere.
+  bool deterministic = false;
 };
 
 struct Grads {

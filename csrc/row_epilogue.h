@@ -4,7 +4,9 @@
 // (fp32, just produced by the GEMM and still in cache) and is vectorised over the block with
 // `#pragma omp simd`; rows are independent, so callers run them in parallel over rows.
 // Block partial sums are fp32 (a block is a few thousand entries) and are merged across blocks
-// in double, relative to running maxima, like an online softmax.
+// in double, relative to running maxima, like an online softmax. Every probability, log-ratio and
+// gradient shift is formed from max-shifted logits (x - max, exact for the entries that carry the
+// mass), never from a whole log-sum-exp rounded to fp32: that is what keeps logits ~1e4 exact.
 #pragma once
 
 #include <algorithm>
@@ -13,6 +15,7 @@
 #include <limits>
 
 #include "fused_divergence.h"
+#include "stats_layout.h"
 #include "vec_math.h"
 
 namespace crisp_native {
@@ -52,42 +55,55 @@ inline float row_max(const float* row, int64_t n) {
   return nans ? std::numeric_limits<float>::quiet_NaN() : best;
 }
 
-// Running statistics of one row over the vocabulary blocks seen so far. Sums are relative to the
-// running maxima: zs = sum e^{xs - ms}, cs = sum e^{xs - ms} (xs - ms), ds = sum e^{xs - ms} (xs - xt),
-// zt = sum e^{xt - mt}, dt = sum e^{xt - mt} (xt - xs), zy = sum e^{T (xs - ms)} (untempered).
+// Running statistics of one row over the vocabulary blocks seen so far, every sum relative to
+// the running maxima ms, mt (us = xs - ms, ut = xt - mt, so each summand is small where it
+// matters even for logits ~1e4):
+//   zs = sum e^us,  cs = sum e^us us,  ds = sum e^us (us - ut),  zy = sum e^{T us} (untempered),
+//   zt = sum e^ut,  ct = sum e^ut ut,  dt = sum e^ut (ut - us).
+// Then log Z = log z, H = log z - c / z, KL(p||q) = ds / zs - (log zs - log zt), KL(q||p) alike.
 struct RowState {
   double ms = -INFINITY, zs = 0, cs = 0, ds = 0, zy = 0;
-  double mt = -INFINITY, zt = 0, dt = 0;
+  double mt = -INFINITY, zt = 0, ct = 0, dt = 0;
   bool poisoned = false;  // a NaN or +inf logit: every statistic of the row becomes NaN
 };
 
 // One block's contribution to a row, then merged into `state`. The fp32 partial sums run over
 // sub-blocks of kSumSpan entries (a short fp32 sum per SIMD lane) and are added up in double.
 constexpr int64_t kSumSpan = 512;
+enum BlockSum { kZs = 0, kCs, kDs, kZy, kZt, kCt, kDt, kNumBlockSums };
 
-// The fp32 sums of one block relative to the references ref_s, ref_t: [zs, cs, ds, zy, zt, dt] (see
-// RowState), added to `sums` in double. One instantiation per divergence so that the SIMD loop has
-// no branches in it.
+// e * u with e = exp(u): 0 where e is 0 (u may be -inf there; 0 * -inf must not become NaN)
+#pragma omp declare simd notinbranch
+static inline float weighted(float e, float u) { return e == 0.0f ? 0.0f : e * u; }
+
+// The fp32 sums of one block relative to the references ref_s, ref_t (see RowState), added to
+// `sums` in double. One instantiation per divergence so that the SIMD loop has no branches in it.
 template <bool kReverse, bool kForward, bool kRaw>
 inline void block_sums(const float* xs, const float* xt, int64_t n, float ref_s, float ref_t, float temperature,
                        double* sums) {
   for (int64_t start = 0; start < n; start += kSumSpan) {
     const int64_t stop = std::min(n, start + kSumSpan);
-    float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, dt_f = 0;
-#pragma omp simd reduction(+ : zs_f, cs_f, ds_f, zy_f, zt_f, dt_f)
+    float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, ct_f = 0, dt_f = 0;
+#pragma omp simd reduction(+ : zs_f, cs_f, ds_f, zy_f, zt_f, ct_f, dt_f)
     for (int64_t v = start; v < stop; ++v) {
       const float us = xs[v] - ref_s, ut = xt[v] - ref_t;
       const float es = fast_exp(us), et = fast_exp(ut);
       zs_f += es;
-      cs_f += us == -INFINITY ? 0.0f : es * us;
+      cs_f += weighted(es, us);
       zt_f += et;
-      if (kReverse) ds_f += es * (xs[v] - xt[v]);
-      if (kForward) dt_f += et * (xt[v] - xs[v]);
+      ct_f += weighted(et, ut);
+      if (kReverse) ds_f += weighted(es, us - ut);
+      if (kForward) dt_f += weighted(et, ut - us);
       if (kRaw) zy_f += fast_exp(temperature * us);
     }
-    sums[0] += zs_f, sums[1] += cs_f, sums[2] += ds_f, sums[3] += zy_f, sums[4] += zt_f, sums[5] += dt_f;
+    sums[kZs] += zs_f, sums[kCs] += cs_f, sums[kDs] += ds_f, sums[kZy] += zy_f;
+    sums[kZt] += zt_f, sums[kCt] += ct_f, sums[kDt] += dt_f;
   }
 }
+
+// a * x, but 0 where the weight a is 0 (x may be infinite: a KL that is +inf on a part of the
+// row whose weight underflowed)
+static inline double scaled(double a, double x) { return a == 0.0 ? 0.0 : a * x; }
 
 inline void accumulate_block(const float* xs, const float* xt, int64_t n, Divergence divergence, float temperature,
                              bool need_raw, RowState& state) {
@@ -97,68 +113,72 @@ inline void accumulate_block(const float* xs, const float* xt, int64_t n, Diverg
     return;
   }
   const bool raw = need_raw && temperature != 1.0f;
-  // a block whose logits are all -inf (e.g. a -inf bias) adds nothing to that side
-  const float ref_s = max_s == -INFINITY ? 0.0f : max_s, ref_t = max_t == -INFINITY ? 0.0f : max_t;
-  double sums[6] = {0, 0, 0, 0, 0, 0};
+  // a side whose block logits are all -inf adds nothing to that side's sums (its e^u are all 0)
+  const bool block_s = max_s != -INFINITY, block_t = max_t != -INFINITY;
+  const float ref_s = block_s ? max_s : 0.0f, ref_t = block_t ? max_t : 0.0f;
+  double b[kNumBlockSums] = {0, 0, 0, 0, 0, 0, 0};
   if (divergence == kReverseKL) {
-    if (raw) block_sums<true, false, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
-    else block_sums<true, false, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    if (raw) block_sums<true, false, true>(xs, xt, n, ref_s, ref_t, temperature, b);
+    else block_sums<true, false, false>(xs, xt, n, ref_s, ref_t, temperature, b);
   } else if (divergence == kForwardKL) {
-    if (raw) block_sums<false, true, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
-    else block_sums<false, true, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    if (raw) block_sums<false, true, true>(xs, xt, n, ref_s, ref_t, temperature, b);
+    else block_sums<false, true, false>(xs, xt, n, ref_s, ref_t, temperature, b);
   } else {
-    if (raw) block_sums<false, false, true>(xs, xt, n, ref_s, ref_t, temperature, sums);
-    else block_sums<false, false, false>(xs, xt, n, ref_s, ref_t, temperature, sums);
+    if (raw) block_sums<false, false, true>(xs, xt, n, ref_s, ref_t, temperature, b);
+    else block_sums<false, false, false>(xs, xt, n, ref_s, ref_t, temperature, b);
   }
-  const double zs = sums[0], cs = sums[1], ds = sums[2], zy = sums[3], zt = sums[4], dt = sums[5];
-  if (max_s != -INFINITY) {
-    const double block_max = max_s, merged = std::max(state.ms, block_max);
-    const double old_scale = state.ms == -INFINITY ? 0.0 : std::exp(state.ms - merged);
-    const double new_scale = std::exp(block_max - merged);
-    const double old_cs = state.ms == -INFINITY ? 0.0 : state.cs + state.zs * (state.ms - merged);
-    state.cs = old_scale * old_cs + new_scale * (cs + zs * (block_max - merged));
-    state.zs = old_scale * state.zs + new_scale * zs;
-    state.ds = old_scale * state.ds + new_scale * ds;
-    if (raw) {
-      const double raw_old = state.ms == -INFINITY ? 0.0 : std::exp(temperature * (state.ms - merged));
-      state.zy = raw_old * state.zy + std::exp(temperature * (block_max - merged)) * zy;
-    }
-    state.ms = merged;
+  // new maxima, the weights e^{old max - new max} and the shifts (old max - new max) of the old
+  // state and of the block; an empty side (max -inf) has weight 0 and shift 0
+  const bool old_s = state.ms != -INFINITY, old_t = state.mt != -INFINITY;
+  const double ms = std::max(state.ms, double(max_s)), mt = std::max(state.mt, double(max_t));
+  const double shift_os = old_s ? state.ms - ms : 0.0, shift_bs = block_s ? ref_s - ms : 0.0;
+  const double shift_ot = old_t ? state.mt - mt : 0.0, shift_bt = block_t ? ref_t - mt : 0.0;
+  const double a_s = old_s ? std::exp(shift_os) : 0.0, b_s = block_s ? std::exp(shift_bs) : 0.0;
+  const double a_t = old_t ? std::exp(shift_ot) : 0.0, b_t = block_t ? std::exp(shift_bt) : 0.0;
+  RowState& s = state;
+  s.cs = scaled(a_s, s.cs + s.zs * shift_os) + scaled(b_s, b[kCs] + b[kZs] * shift_bs);
+  s.ds = scaled(a_s, s.ds + s.zs * (shift_os - shift_ot)) + scaled(b_s, b[kDs] + b[kZs] * (shift_bs - shift_bt));
+  if (raw) {
+    const double a_y = old_s ? std::exp(temperature * shift_os) : 0.0;
+    const double b_y = block_s ? std::exp(temperature * shift_bs) : 0.0;
+    s.zy = a_y * s.zy + b_y * b[kZy];
   }
-  if (max_t != -INFINITY) {
-    const double block_max = max_t, merged = std::max(state.mt, block_max);
-    const double old_scale = state.mt == -INFINITY ? 0.0 : std::exp(state.mt - merged);
-    const double new_scale = std::exp(block_max - merged);
-    state.zt = old_scale * state.zt + new_scale * zt;
-    state.dt = old_scale * state.dt + new_scale * dt;
-    state.mt = merged;
-  }
+  s.zs = a_s * s.zs + b_s * b[kZs];
+  s.ct = scaled(a_t, s.ct + s.zt * shift_ot) + scaled(b_t, b[kCt] + b[kZt] * shift_bt);
+  s.dt = scaled(a_t, s.dt + s.zt * (shift_ot - shift_os)) + scaled(b_t, b[kDt] + b[kZt] * (shift_bt - shift_bs));
+  s.zt = a_t * s.zt + b_t * b[kZt];
+  s.ms = ms;
+  s.mt = mt;
 }
 
-// The [LOSS, lse_s, lse_t, H, shift, raw_lse] row from the finished state (jsd's loss and shift
-// come later from jsd_row_terms, which needs both final log-sum-exps).
+// The stats row (see stats_layout.h) from the finished state; jsd's loss and shift come later
+// from jsd_block_terms, which needs both final log Z. A row with a side that is -inf everywhere
+// has no distribution: NaN by contract, like a NaN or +inf logit.
 inline void finish_row(const RowState& state, Divergence divergence, double temperature, bool need_raw, float* stats_row) {
-  if (state.poisoned) {
+  if (state.poisoned || state.ms == -INFINITY || state.mt == -INFINITY) {
     for (int c = 0; c < kNumStats; ++c) stats_row[c] = NAN;
-    if (!need_raw) stats_row[kStudentRawLse] = 0.0f;
+    if (!need_raw) stats_row[kStudentRawMax] = stats_row[kStudentRawLogZ] = 0.0f;
     return;
   }
-  const double log_zs = std::log(state.zs), lse_s = state.ms + log_zs, lse_t = state.mt + std::log(state.zt);
+  const double log_zs = std::log(state.zs), log_zt = std::log(state.zt);
   double loss = 0.0, shift = 0.0;
   if (divergence == kReverseKL) {
-    loss = state.ds / state.zs - lse_s + lse_t;
+    loss = state.ds / state.zs - (log_zs - log_zt);
     shift = loss;
   } else if (divergence == kForwardKL) {
-    loss = state.dt / state.zt - lse_t + lse_s;
+    loss = state.dt / state.zt - (log_zt - log_zs);
   }
   stats_row[kLoss] = static_cast<float>(loss);
-  stats_row[kStudentLse] = static_cast<float>(lse_s);
-  stats_row[kTeacherLse] = static_cast<float>(lse_t);
+  stats_row[kStudentMax] = static_cast<float>(state.ms);  // exact: the max of fp32 values
+  stats_row[kStudentLogZ] = static_cast<float>(log_zs);
+  stats_row[kTeacherMax] = static_cast<float>(state.mt);
+  stats_row[kTeacherLogZ] = static_cast<float>(log_zt);
   stats_row[kStudentEntropy] = static_cast<float>(log_zs - state.cs / state.zs);
+  stats_row[kTeacherEntropy] = static_cast<float>(log_zt - state.ct / state.zt);
   stats_row[kGradShift] = static_cast<float>(shift);
-  double raw = 0.0;
-  if (need_raw) raw = temperature == 1.0 ? lse_s : temperature * state.ms + std::log(state.zy);
-  stats_row[kStudentRawLse] = static_cast<float>(raw);
+  // untempered y_s = T x_s: max T m_s, log Z = log sum e^{T (x_s - m_s)}
+  stats_row[kStudentRawMax] = need_raw ? static_cast<float>(temperature * state.ms) : 0.0f;
+  stats_row[kStudentRawLogZ] = need_raw ? static_cast<float>(temperature == 1.0 ? log_zs : std::log(state.zy)) : 0.0f;
 }
 
 // log m with m = beta q + (1 - beta) p, from log p and log q, with one exp and one log
@@ -172,31 +192,36 @@ static inline float jsd_log_mixture(float log_p, float log_q, float beta) {
   return top + fast_log(mixed);
 }
 
-// sum_v q (log q - log m) and sum_v p (log p - log m) over one block, added to the doubles
-inline void jsd_block_terms(const float* xs, const float* xt, int64_t n, float lse_s, float lse_t, float beta,
-                            double& kl_q_m, double& kl_p_m) {
+// sum_v q (log q - log m) and sum_v p (log p - log m) over one block, added to the doubles;
+// log p = (x_s - m_s) - log Z_s (never x_s - lse_s: see stats_layout.h)
+inline void jsd_block_terms(const float* xs, const float* xt, int64_t n, float max_s, float log_zs, float max_t,
+                            float log_zt, float beta, double& kl_q_m, double& kl_p_m) {
   for (int64_t start = 0; start < n; start += kSumSpan) {
     const int64_t stop = std::min(n, start + kSumSpan);
     float sum_q = 0, sum_p = 0;
 #pragma omp simd reduction(+ : sum_q, sum_p)
     for (int64_t v = start; v < stop; ++v) {
-      const float log_p = xs[v] - lse_s, log_q = xt[v] - lse_t;
+      const float log_p = (xs[v] - max_s) - log_zs, log_q = (xt[v] - max_t) - log_zt;
       const float log_m = jsd_log_mixture(log_p, log_q, beta);
-      sum_q += fast_exp(log_q) * (log_q - log_m);
-      sum_p += fast_exp(log_p) * (log_p - log_m);
+      sum_q += weighted(fast_exp(log_q), log_q - log_m);
+      sum_p += weighted(fast_exp(log_p), log_p - log_m);
     }
     kl_q_m += sum_q;
     kl_p_m += sum_p;
   }
 }
 
-// Per-row constants of the gradient tile.
+// Per-row constants of the gradient tile, from a stats row (see row_grad in fused_divergence.cpp).
 struct RowGrad {
-  float lse_s, lse_t, shift, raw_lse;
+  float max_s, log_zs, max_t, log_zt;
+  float shift;    // reverse_kl: (log Z_s - log Z_t) + KL, so log p - log q - KL = (us - ut) - shift;
+                  // jsd: KL(p||m); forward_kl: unused
+  float raw_log_z;                // log sum e^{T us}: softmax(y_s) = e^{T us - raw_log_z}
   float loss_coeff, raw_coeff;  // grad_loss[i] and grad_raw_lse[i] (0 when absent)
 };
 
-// dL/da for one block, written over the student row: see the protocol docstring.
+// dL/da for one block, written over the student row: see the protocol docstring. Everything is
+// formed from the max-shifted logits us = x_s - m_s, ut = x_t - m_t.
 template <int kDivergence, bool kRaw, bool kCap>
 inline void gradient_block(float* xs, const float* xt, int64_t n, const RowGrad& row, float beta, float temperature,
                            float scale, float softcap) {
@@ -204,20 +229,21 @@ inline void gradient_block(float* xs, const float* xt, int64_t n, const RowGrad&
   const float cap_scale = kCap ? temperature / softcap : 0.0f;
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) {
-    const float log_p = xs[v] - row.lse_s, log_q = xt[v] - row.lse_t;
-    const float p = fast_exp(log_p);
+    const float us = xs[v] - row.max_s, ut = xt[v] - row.max_t;
+    const float p = fast_exp(us - row.log_zs);
     float g;
     if (kDivergence == kReverseKL) {
-      g = p * (log_p - log_q - row.shift);
+      g = p * ((us - ut) - row.shift);
     } else if (kDivergence == kForwardKL) {
-      g = p - fast_exp(log_q);
+      g = p - fast_exp(ut - row.log_zt);
     } else {
+      const float log_p = us - row.log_zs, log_q = ut - row.log_zt;
       g = (1.0f - beta) * p * (log_p - jsd_log_mixture(log_p, log_q, beta) - row.shift);
     }
     // 0 * (-inf) would be NaN where the reference has an exact 0 (a -inf logit has p = 0)
     g = p == 0.0f && kDivergence != kForwardKL ? 0.0f : g;
     float dy = coeff * g;
-    if (kRaw) dy += row.raw_coeff * fast_exp(temperature * xs[v] - row.raw_lse);
+    if (kRaw) dy += row.raw_coeff * fast_exp(temperature * us - row.raw_log_z);
     if (kCap) {
       const float tanh_value = xs[v] * cap_scale;
       dy *= 1.0f - tanh_value * tanh_value;

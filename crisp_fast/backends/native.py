@@ -19,6 +19,11 @@ import os
 
 import torch
 
+try:
+    from crisp_fast.kernels import stats_layout as _layout
+except ImportError:  # an uninstalled checkout: kernels/ is a top-level folder
+    from kernels import stats_layout as _layout
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
 
@@ -38,6 +43,24 @@ def _jit_build():
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _python_layout() -> dict:
+    """{column name: index} of kernels/stats_layout.py, the one definition of the stats layout."""
+    return {name: value for name, value in vars(_layout).items() if name.isupper() and isinstance(value, int)}
+
+
+def _layout_mismatch(module) -> str | None:
+    """Why the compiled module's stats layout differs from the Python one (None when equal)."""
+    compiled = dict(module.stats_layout()) if hasattr(module, "stats_layout") else {}
+    expected = _python_layout()
+    if compiled == expected:
+        return None
+    differing = sorted(name for name in set(compiled) | set(expected) if compiled.get(name) != expected.get(name))
+    return (f"the compiled crisp_fast._native ({getattr(module, '__file__', '?')}) has another stats layout than "
+            f"kernels/stats_layout.py (columns {differing}: compiled {[compiled.get(n) for n in differing]}, "
+            f"expected {[expected.get(n) for n in differing]}); rebuild it with "
+            "`pip install --no-build-isolation -e .`")
+
+
 def _load():
     global _module, _why_not
     if _module is not None or _why_not is not None:
@@ -53,12 +76,22 @@ def _load():
                 _module, _why_not = _jit_build(), None
             except Exception as jit_error:  # noqa: BLE001 - any compiler failure is the reason
                 _why_not = f"{_why_not}; the JIT build failed too: {jit_error}"
+    if _module is not None:
+        mismatch = _layout_mismatch(_module)
+        if mismatch:  # a stale build would write columns the Python side reads as something else
+            _module, _why_not = None, mismatch
     return _module
 
 
 def is_available() -> tuple[bool, str]:
     """(True, "") when the compiled extension loads, else (False, the reason)."""
     return (True, "") if _load() is not None else (False, _why_not)
+
+
+def build_info() -> dict:
+    """What the extension was compiled with: compiler, flags, -march level, BLAS, threads and the
+    GEMM path bf16/fp16 inputs take here (`crisp-fast backends` prints it)."""
+    return dict(_native().build_info())
 
 
 def plan(n: int, vocab: int, d: int, d_t: int | None = None, *, dtype=torch.float32, full_rows: bool = True) -> dict:
@@ -86,26 +119,27 @@ def _check(student_hidden, teacher_hidden, weight, teacher_weight):
 
 
 def _options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-             need_raw_lse):
+             need_raw_lse, deterministic):
     return (divergence, float(beta), float(temperature), float(student_scale), float(teacher_scale),
             None if student_softcap is None else float(student_softcap),
-            None if teacher_softcap is None else float(teacher_softcap), bool(need_raw_lse))
+            None if teacher_softcap is None else float(teacher_softcap), bool(need_raw_lse), bool(deterministic))
 
 
 def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
             divergence="reverse_kl", beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0,
-            student_softcap=None, teacher_softcap=None, need_raw_lse=False):
-    """fp32 stats [N, NUM_STATS] (columns in crisp_fast.backends)."""
+            student_softcap=None, teacher_softcap=None, need_raw_lse=False, deterministic=False):
+    """fp32 stats [N, NUM_STATS] (columns in kernels/stats_layout.py). `deterministic` is accepted for
+    the protocol: this backend is bitwise repeatable run to run whatever its value."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
     return _native().forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
                              *_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                       student_softcap, teacher_softcap, need_raw_lse))
+                                       student_softcap, teacher_softcap, need_raw_lse, deterministic))
 
 
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats, grad_loss,
              grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl", beta=1.0,
              temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None, teacher_softcap=None,
-             need_raw_lse=False):
+             need_raw_lse=False, deterministic=False):
     """(grad_hidden fp32 [N, D] | None, grad_weight fp32 [V, D] | None, grad_bias fp32 [V] | None),
     recomputing the logits block by block from the saved statistics."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
@@ -113,18 +147,18 @@ def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bia
                               stats, grad_loss, grad_raw_lse, bool(need_grad_hidden), bool(need_grad_weight),
                               bool(need_grad_bias and student_bias is not None),
                               *_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                        student_softcap, teacher_softcap, need_raw_lse))
+                                        student_softcap, teacher_softcap, need_raw_lse, deterministic))
 
 
 def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss,
                      grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl",
                      beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None,
-                     teacher_softcap=None, need_raw_lse=False):
+                     teacher_softcap=None, need_raw_lse=False, deterministic=False):
     """(stats, (grad_hidden, grad_weight, grad_bias)) from one sweep: 4 GEMMs, no logits recomputed."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
     stats, grads = _native().forward_backward(
         student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss, grad_raw_lse,
         bool(need_grad_hidden), bool(need_grad_weight), bool(need_grad_bias and student_bias is not None),
         *_options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-                  need_raw_lse))
+                  need_raw_lse, deterministic))
     return stats, tuple(grads)

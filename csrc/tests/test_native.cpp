@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdio>
+#include <tuple>
 #include <string>
 
 #include "fused_divergence.h"
@@ -44,9 +45,16 @@ int main() {
 
   at::Tensor stats = crisp_native::forward(hs, ht, w, at::Tensor(), bias, at::Tensor(), options);
   expect_close(stats.select(1, crisp_native::kLoss), kl, 1e-5, "reverse KL");
-  expect_close(stats.select(1, crisp_native::kStudentLse), at::logsumexp(xs, 1), 1e-6, "student lse");
-  expect_close(stats.select(1, crisp_native::kTeacherLse), at::logsumexp(xt, 1), 1e-6, "teacher lse");
-  expect_close(stats.select(1, crisp_native::kStudentEntropy), -(p * log_p).sum(1), 1e-5, "student entropy");
+  // the split log-sum-exps: the max is exact, max + log Z is the row's lse
+  using namespace crisp_native;
+  at::Tensor stats64 = stats.to(at::kDouble);
+  expect_close(stats.select(1, kStudentMax), std::get<0>(xs.max(1)), 1e-6, "student max");
+  expect_close(stats64.select(1, kStudentMax) + stats64.select(1, kStudentLogZ), at::logsumexp(xs, 1), 1e-6,
+               "student lse");
+  expect_close(stats64.select(1, kTeacherMax) + stats64.select(1, kTeacherLogZ), at::logsumexp(xt, 1), 1e-6,
+               "teacher lse");
+  expect_close(stats.select(1, kStudentEntropy), -(p * log_p).sum(1), 1e-5, "student entropy");
+  expect_close(stats.select(1, kTeacherEntropy), -(log_q.exp() * log_q).sum(1), 1e-5, "teacher entropy");
 
   // gradient wrt the pre-activation a: grad_loss * g / T * (1 - tanh^2), g = p (log p - log q - KL)
   at::Tensor grad_loss = at::rand({n});
