@@ -185,8 +185,9 @@ def test_corrupt_checkpoints_and_torn_metrics_resume_from_what_is_sound(tmp_path
 
 
 def test_no_pickle_of_ours_is_ever_loaded():
-    """The trainer's checkpoint state is JSON and safetensors; `torch.load(weights_only=False)`
-    (which runs code from a crafted file) appears nowhere in the package or the tests."""
+    """The trainer's checkpoint state is JSON and safetensors; a torch.load that unpickles
+    arbitrary objects (weights_only off: it runs code from a crafted file) appears nowhere in
+    the package, the tests or the benchmarks."""
     unsafe = "weights_only=" + "False"
     for root in ("crisp_fast", "tests", "benchmarks"):
         for path in (REPO / root).rglob("*.py"):

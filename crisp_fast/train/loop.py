@@ -373,7 +373,8 @@ class Trainer:
                 print(f"crisp: resumed from {resumed} at step {self.step}")
             if self.skipped_prompts:
                 print(f"crisp: skipped {self.skipped_prompts} problems longer than data.max_prompt_tokens")
-            threads = f"{self.threads} (train.threads={c.train.threads})" if self.threads else "torch's default"
+            threads = (f"{self.threads}" + (" (auto: a model under 50M parameters on CPU)" if not c.train.threads else "")
+                       if self.threads else f"torch's default ({torch.get_num_threads()})")
             print(f"crisp: loss backend {self.loss_backend}; torch threads {threads}; "
                   f"{'grading rollouts' if self.grader is not None else 'no answers to grade against'}", flush=True)
         try:
