@@ -35,6 +35,7 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 COLUMNS = [("implementation", "impl", ""), ("dtype", "dtype_short", ""), ("N", "tokens", "{}"), ("D", "hidden", "{}"),
            ("time s", "time_s", "{:.3f}"), ("x floor", "time_vs_floor", "{:.2f}"),
            ("x fp32 floor", "time_vs_fp32_floor", "{:.2f}"), ("GFLOP/s", "gflops", "{:.0f}"),
+           ("floor schedule", "floor_schedule", ""),
            ("peak MB", "peak_mb", "{:.0f}"), ("x irreducible", "peak_vs_irreducible", "{:.2f}"),
            ("status", "status", "")]
 
