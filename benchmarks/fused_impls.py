@@ -99,7 +99,7 @@ def make_loss_fn(name: str, device: str):
     raise ValueError(f"unknown implementation {name!r}")
 
 
-def floor_step(student, teacher, weight, _labels, tile=None):
+def floor_step(student, teacher, weight, _labels, tile=None, upcast=False):
     """The four GEMMs no implementation can avoid: student and teacher logits, dh = g W and
     dW = g^T h (2 N D V FLOPs each), scheduled the way the machine runs them fastest, so that the
     floor is its GEMM limit and not a memory-traffic artefact. On CPU that is tiles of
@@ -113,6 +113,10 @@ def floor_step(student, teacher, weight, _labels, tile=None):
     this is the fast path), and torch.mm's `out_dtype=torch.float32` is not supported on CPU, so
     the bf16 floor is the plain bf16 GEMM rate with bf16 outputs, dh and dW accumulated across
     tiles in bf16. A real implementation that keeps fp32 accumulators can only be slower.
+    A CPU without bf16 hardware (no AVX512-BF16 / AMX) runs those bf16 GEMMs far below its fp32
+    rate; there the best schedule for bf16 inputs is `upcast=True`: h and W converted to fp32
+    once (timed), the fp32 tiles, the gradients cast back. run_one picks the faster of the two
+    on a one-tile probe and reports which.
     `tile` = (tokens, vocabulary rows) overrides the CPU schedule (to probe a machine)."""
     tokens, vocab = student.shape[0], weight.shape[0]
     if tile is not None:
@@ -122,6 +126,8 @@ def floor_step(student, teacher, weight, _labels, tile=None):
     rows, columns = min(rows, tokens), min(columns, vocab)
     with torch.no_grad():
         w, h_s, h_t = weight.detach(), student.detach(), teacher.detach()
+        if upcast:
+            w, h_s, h_t = w.float(), h_s.float(), h_t.float()
         buffer = torch.empty(rows, columns, device=w.device, dtype=w.dtype)
         grad_hidden = torch.zeros_like(h_s)
         grad_weight = torch.zeros_like(w)
@@ -134,8 +140,25 @@ def floor_step(student, teacher, weight, _labels, tile=None):
                 torch.matmul(h_t[start:stop], w[first:last].T, out=logits)
                 grad_hidden[start:stop].addmm_(logits, w[first:last])  # `logits` stands in for g
                 grad_weight[first:last].addmm_(logits.T, h_s[start:stop])
-    student.grad, weight.grad = grad_hidden, grad_weight
+    student.grad, weight.grad = grad_hidden.to(student.dtype), grad_weight.to(weight.dtype)
     return None
+
+
+def _faster_floor_schedule(hidden, vocab, *, device, dtype, seed, tile):
+    """'bf16' or 'upcast': which floor schedule is faster for bf16 inputs on this CPU, timed on one
+    256 x 4096 tile (the second of two runs each: a rate, so a slice of the vocabulary will do; on
+    a CPU without bf16 hardware a full-size bf16 probe would take minutes)."""
+    student, teacher, weight, labels = make_inputs(256, hidden, min(vocab, 4096), device=device, dtype=dtype,
+                                                   seed=seed)
+    best = {}
+    for schedule in ("upcast", "bf16"):
+        timings = []
+        for _ in range(2):
+            start = time.perf_counter()
+            floor_step(student, teacher, weight, labels, tile=tile, upcast=schedule == "upcast")
+            timings.append(time.perf_counter() - start)
+        best[schedule] = timings[-1]
+    return min(best, key=best.get), best
 
 
 def _sync(device: str):
@@ -174,9 +197,16 @@ class PeakMemory:
 
 def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed, floor_tile=None):
     """Time `reps` forward+backward passes of `name` after `warmup` ones; return the facts."""
+    schedule = None
     if name == FLOOR:
+        upcast = False
+        if dtype == torch.bfloat16 and device == "cpu":
+            schedule, probe = _faster_floor_schedule(hidden, vocab, device=device, dtype=dtype, seed=seed,
+                                                     tile=floor_tile)
+            upcast = schedule == "upcast"
+
         def step(student, teacher, weight, labels):
-            return floor_step(student, teacher, weight, labels, tile=floor_tile)
+            return floor_step(student, teacher, weight, labels, tile=floor_tile, upcast=upcast)
     else:
         step = make_loss_fn(name, device)
     # on CPU warm up on at most 512 rows: it loads code and thread pools, and a warm-up at full
@@ -207,6 +237,9 @@ def run_one(name, tokens, hidden, vocab, *, device, dtype, warmup, reps, seed, f
     if name == FLOOR:
         flops = 4 * 2 * tokens * hidden * vocab
         result["gflops"] = flops / result["time_s"] / 1e9
+        if schedule:  # bf16 inputs: which schedule won the one-tile probe, and both probe times
+            result["floor_schedule"] = schedule
+            result["floor_probe_s"] = probe
     else:
         result.update(loss=float(loss), grad_hidden_norm=float(student.grad.double().norm()),
                       grad_weight_norm=float(weight.grad.double().norm()))

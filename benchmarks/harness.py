@@ -191,7 +191,7 @@ def plot_sweep(rows: list[dict], path: str, title: str, subtitle: str = "") -> s
             if not points:
                 continue
             tokens = [n for n, _ in points]
-            style = dict(linestyle="--", color="black") if impl.startswith("floor") else dict(marker="o", color=colours[impl])
+            style = dict(linestyle="--", marker="x", color="black") if impl.startswith("floor") else dict(marker="o", color=colours[impl])
             panel[0].plot(tokens, [row["time_s"] for _, row in points], label=impl, **style)
             if not impl.startswith("floor"):
                 panel[1].plot(tokens, [row["peak_bytes"] / MIB for _, row in points], label=impl, **style)

@@ -35,6 +35,7 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
 COLUMNS = [("implementation", "impl", ""), ("dtype", "dtype_short", ""), ("N", "tokens", "{}"), ("D", "hidden", "{}"),
            ("time s", "time_s", "{:.3f}"), ("x floor", "time_vs_floor", "{:.2f}"),
            ("x fp32 floor", "time_vs_fp32_floor", "{:.2f}"), ("GFLOP/s", "gflops", "{:.0f}"),
+           ("floor schedule", "floor_schedule", ""),
            ("peak MB", "peak_mb", "{:.0f}"), ("x irreducible", "peak_vs_irreducible", "{:.2f}"),
            ("status", "status", "")]
 
@@ -134,7 +135,7 @@ def check_targets(rows, device):
         ours = [row for row in rows if row["impl"] == name and row["dtype"] == dtype and row["vocab"] == 151936]
         label = f"{name} {SHORT_DTYPE[dtype]}"
         if not ours:
-            lines.append(f"-    {label}: not measured here (backend unavailable, dtype or implementation filtered out)")
+            lines.append(f"-    {label}: not measured here (backend unavailable, dtype or implementation filtered out, or V != 151,936)")
             continue
         failed = [row for row in ours if row["status"] != "ok"]
         judged, where = _judged(ours)
@@ -198,8 +199,9 @@ def test_fused_reverse_kl_speed_and_memory(bench_config):
     print("\n" + harness.format_table(rows, COLUMNS))
     for name, why in skipped.items():
         print(f"not run: {name}: {why}")
-    print("x floor: against the 4-GEMM floor in the same dtype (bf16: the plain bf16 torch.mm rate, bf16 "
-          "outputs); x fp32 floor: bf16 rows against the fp32 floor at the same shape")
+    print("x floor: against the 4-GEMM floor in the same dtype (bf16: plain bf16 torch.mm with bf16 outputs, or "
+          "fp32 GEMMs on upcast inputs where that probed faster: see 'floor schedule'); x fp32 floor: bf16 rows "
+          "against the fp32 floor at the same shape")
     print(f"irreducible memory = dW + dh = (V*D + N*D) elements of the input dtype; peak = "
           f"{'max_memory_allocated' if config.device == 'cuda' else 'peak RSS'} minus the inputs"
           + (f"; CPU children killed above {cap / harness.GIB:.1f} GiB RSS (OOM)" if cap else ""))
