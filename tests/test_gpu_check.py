@@ -44,7 +44,7 @@ def test_gpu_plan_shapes_and_environment():
         assert _argument(part, "--tokens") == "4096,8192,16384"
         assert _argument(part, "--device") == "cuda" and _argument(part, "--dtype") == "bfloat16"
     assert all(part.env["TRITON_INTERPRET"] == "0" for part in parts.values())
-    assert _argument(parts["trainer:hf"], "--vocab") == "151936" and _argument(parts["trainer:hf"], "--dtype") == "bfloat16"
+    assert _argument(parts["trainer:hf"], "--vocab") == "151936" and _argument(parts["trainer:hf"], "--mixed-precision") == "bf16"
     assert "--dry-run" not in parts["tests"].argv
 
 

@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     bad = [result.name for result in results if result.status in ("failed", "error", "timeout")]
     if bad:
         print(f"[gpu-check] not ok: {', '.join(bad)}")
+    passed = sum(result.status == "ok" for result in results)
+    skipped = sum(result.status == "skipped" for result in results)
+    print(f"gpu-check: {passed} passed, {len(bad)} failed, {skipped} skipped")  # parts, as a test runner counts
     return 1 if bad else 0
 
 
