@@ -5,6 +5,7 @@ dry run is CI's job (.ci/run runs `make gpu-check GPU_CHECK_ARGS=--dry-run`); he
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def test_gpu_plan_shapes_and_environment():
         assert _argument(part, "--tokens") == "4096,8192,16384"
         assert _argument(part, "--device") == "cuda" and _argument(part, "--dtype") == "bfloat16"
     assert all(part.env["TRITON_INTERPRET"] == "0" for part in parts.values())
-    assert _argument(parts["trainer:hf"], "--vocab") == "151936" and _argument(parts["trainer:hf"], "--dtype") == "bfloat16"
+    assert _argument(parts["trainer:hf"], "--vocab") == "151936" and _argument(parts["trainer:hf"], "--mixed-precision") == "bf16"
     assert "--dry-run" not in parts["tests"].argv
 
 
@@ -144,7 +145,10 @@ def test_protocol_ignores_other_output_and_lines_cut_off_by_a_kill():
 
 
 # ------------------------------------------------------------------------- the tests part
-def test_tests_part_counts_outcomes_and_reports_failures(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "xdist"])
+def test_tests_part_counts_outcomes_and_reports_failures(tmp_path, workers):
+    if workers and importlib.util.find_spec("xdist") is None:
+        pytest.skip("pytest-xdist is not installed here (the GPU image has it)")
     test_file = tmp_path / "test_sample.py"  # -k matches module names too: keep "cuda" out of it
     test_file.write_text(textwrap.dedent("""
         import pytest
@@ -155,11 +159,13 @@ def test_tests_part_counts_outcomes_and_reports_failures(tmp_path):
         def test_not_selected(): pass
     """))
     part = runner.Part("tests", [sys.executable, "-m", "benchmarks.gpu_check.part_tests", "--files",
-                                 f"{test_file},{tmp_path / 'missing.py'}", "-k", "cuda"], 60, "")
+                                 f"{test_file},{tmp_path / 'missing.py'}", "-k", "cuda", "--workers", str(workers)], 60, "")
     result = runner.run_part(part, 60, cwd=REPO_ROOT,
-                             base_env={**os.environ, "PYTHONPATH": REPO_ROOT})
+                             base_env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                 filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
     assert result.status == "failed" and "1 failed" in result.reason
     summary = result.summary
+    assert summary["workers"] == workers
     assert (summary["selected"], summary["passed"], summary["failed"], summary["skipped"]) == (3, 1, 1, 1)
     assert summary["skip_reasons"] == {"no device here": 1}
     assert summary["missing_files"] == [str(tmp_path / "missing.py")]

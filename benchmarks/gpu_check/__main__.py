@@ -51,6 +51,9 @@ def main(argv=None) -> int:
         return 0
 
     started = time.monotonic()
+    facts = report.machine_facts(REPO_ROOT)  # first: the GPU and versions are in the output even if a part hangs
+    print(f"[gpu-check] {facts.get('gpu', 'no CUDA device')}, torch {facts['packages']['torch']} "
+          f"(CUDA {facts.get('torch_cuda')}), triton {facts['packages']['triton']}", flush=True)
 
     def progress(result):
         rows = f", {len(result.rows)} rows" if result.rows else ""
@@ -60,7 +63,6 @@ def main(argv=None) -> int:
 
     results = run_plan(parts, total_budget_s=total, cwd=REPO_ROOT, on_done=progress)
     records = [result.as_dict() for result in results]
-    facts = report.machine_facts(REPO_ROOT)
     plan_record = [{"name": p.name, "budget_s": p.budget_s, "what": p.what, "argv": p.argv[1:]} for p in parts]
     json_path, md_path = report.write_report(args.out, records, facts, dry_run=args.dry_run, plan=plan_record)
     log_path = os.path.join(args.out, "gpu_check.log")
@@ -72,6 +74,9 @@ def main(argv=None) -> int:
     bad = [result.name for result in results if result.status in ("failed", "error", "timeout")]
     if bad:
         print(f"[gpu-check] not ok: {', '.join(bad)}")
+    passed = sum(result.status == "ok" for result in results)
+    skipped = sum(result.status == "skipped" for result in results)
+    print(f"gpu-check: {passed} passed, {len(bad)} failed, {skipped} skipped")  # parts, as a test runner counts
     return 1 if bad else 0
 
 

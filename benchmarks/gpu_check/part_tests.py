@@ -52,6 +52,12 @@ class OutcomeCounter:
         self.run = len(items)
         self._state()
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids):
+        # under xdist the workers collect (and deselect), not this process: each sends its ids
+        self.selected = self.run = max(self.selected, len(ids))
+        self._state()
+
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or (report.when == "setup" and not report.passed):
             if hasattr(report, "wasxfail"):

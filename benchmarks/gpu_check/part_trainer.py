@@ -1,5 +1,6 @@
 """GPU-check part: CRISP trainer steps through the real `Trainer` on a tiny Qwen3 with the real
-vocabulary (V = 151,936), built from a config, bf16 weights, rollouts from HF generate (or vLLM).
+vocabulary (V = 151,936), built from a config, bf16 compute (mixed_precision=bf16 over fp32 master
+weights), rollouts from HF generate (or vLLM).
 
     python -m benchmarks.gpu_check.part_trainer --engine hf --device cuda
 
@@ -31,7 +32,7 @@ def build_config(work: Path, args, *, source: str | None = None):
     from crisp_fast.train.tiny import tiny_config, write_problems
 
     data = write_problems(work / "problems.jsonl", count=max(4 * args.prompts, 16), seed=args.seed)
-    overrides = [f"model.dtype={args.dtype}", f"train.loss_backend={args.loss_backend}",
+    overrides = [f"model.dtype={args.dtype}", f"model.mixed_precision={args.mixed_precision}", f"train.loss_backend={args.loss_backend}",
                  f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts}",
                  f"train.micro_batch_tokens={args.micro_batch_tokens}", f"train.seed={args.seed}",
                  f"rollout.n={args.samples}", f"rollout.max_new_tokens={args.new_tokens}",
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--mixed-precision", choices=("auto", "bf16", "off"), default="auto",
+                        help="model.mixed_precision: bf16 = bf16 compute over the master weights (FSDP2's policy)")
     parser.add_argument("--loss-backend", default="auto")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=4)
@@ -96,12 +99,13 @@ def main(argv=None) -> int:
             config = build_config(work, args, source=str(work / "model"))
         trainer = Trainer(config, work / "out")
         head = trainer.model.lm.get_output_embeddings().weight
-        head_before = head.detach().float().clone()
+        head_before = _local(head).float().clone()
         problems = []
         for _ in range(args.steps):
             metrics = trainer.train_step()
             row = {key: metrics.get(key) for key in STEP_FIELDS}
-            row.update(engine=args.engine, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype)
+            row.update(engine=args.engine, vocab=args.vocab, hidden=args.hidden, dtype=args.dtype,
+                       mixed_precision=args.mixed_precision)
             emit("ROW", row)
             for key in ("loss", "grad_norm"):
                 if not math.isfinite(float(metrics[key])):
@@ -110,16 +114,23 @@ def main(argv=None) -> int:
                 problems.append(f"step {metrics['step']} was skipped (gradient not finite)")
             if not metrics["response_tokens"]:
                 problems.append(f"step {metrics['step']}: no response token trained on")
-        moved = float((head.detach().float() - head_before).abs().max())
+        moved = float((_local(head).float() - head_before).abs().max())
         if not moved > 0:
             problems.append("the lm_head weight did not change over the steps")
         summary = {"device": args.device, "engine": args.engine, "loss_backend": args.loss_backend,
-                   "dtype": args.dtype, "parameter_dtype": str(head.dtype).split(".")[-1],
+                   "dtype": args.dtype, "mixed_precision": args.mixed_precision,
+                   "parameter_dtype": str(head.dtype).split(".")[-1], "model_class": type(trainer.model).__name__,
                    "parameters": sum(p.numel() for p in trainer.model.parameters()),
                    "lm_head_max_change": moved,
                    "liger_patches": _liger_patched(trainer.model.lm)}
     emit("RESULT", {"status": "failed" if problems else "ok", "reason": "; ".join(problems), **summary})
     return 0
+
+
+def _local(parameter):
+    """This rank's values of a parameter: the local shard of an FSDP2 DTensor (all of it on one rank)."""
+    tensor = parameter.detach()
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _liger_patched(lm) -> bool:

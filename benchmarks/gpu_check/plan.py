@@ -68,18 +68,20 @@ def build_plan(dry_run: bool, test_workers: int = 8) -> list[Part]:
                           env=dict(triton_env)))
     if dry_run:  # V stays the real 151,936; the loss backend is "auto" as on the GPU (there Triton,
         # here the native one: the interpreter would take ~40 CPU s at this V; part_fused runs it)
-        trainer = dict(hidden=32, layers=2, dtype="float32", prompts=2, samples=2, new_tokens=8, steps=1,
-                       loss_backend="auto")
+        trainer = dict(hidden=32, layers=2, dtype="float32", mixed_precision="auto", prompts=2, samples=2,
+                       new_tokens=8, steps=1, loss_backend="auto")
     else:
-        trainer = dict(hidden=256, layers=2, dtype="bfloat16", prompts=8, samples=4, new_tokens=128, steps=2,
-                       loss_backend="auto")
+        # fp32 master weights, bf16 compute: the trainer's FSDP2 mixed-precision path
+        trainer = dict(hidden=256, layers=2, dtype="float32", mixed_precision="bf16", prompts=8, samples=4,
+                       new_tokens=128, steps=2, loss_backend="auto")
     for engine in ("hf", "vllm"):
         argv = _python("benchmarks.gpu_check.part_trainer", "--engine", engine, "--device", device,
                        "--vocab", 151_936, *[item for key, value in trainer.items()
                                              for item in (f"--{key.replace('_', '-')}", value)])
         parts.append(Part(f"trainer:{engine}", argv, budgets[f"trainer:{engine}"],
                           f"{trainer['steps']} CRISP step(s), {engine} rollouts, Qwen3 V=151936 "
-                          f"D={trainer['hidden']} x{trainer['layers']} layers {trainer['dtype']}, "
+                          f"D={trainer['hidden']} x{trainer['layers']} layers {trainer['dtype']} "
+                          f"(mixed precision {trainer['mixed_precision']}), "
                           f"{trainer['prompts']}x{trainer['samples']} rollouts of <= {trainer['new_tokens']} tokens, "
                           f"loss backend {trainer['loss_backend']}", env=dict(triton_env)))
     return parts

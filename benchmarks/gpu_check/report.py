@@ -64,7 +64,7 @@ def machine_facts(repo_root: str) -> dict:
     facts["packages"] = {package: _version(package) for package in PACKAGES}
     commit = _run(["git", "-C", repo_root, "rev-parse", "--short", "HEAD"], 10)
     facts["crisp_fast_commit"] = commit.strip() if commit and not commit.startswith(("exit", "unavailable")) else "unknown"
-    torch_facts = _run([sys.executable, "-c", TORCH_FACTS], 120) or ""
+    torch_facts = _run([sys.executable, "-c", TORCH_FACTS], 60) or ""
     line = next((item for item in torch_facts.splitlines() if item.startswith("FACTS ")), None)
     facts.update(json.loads(line[len("FACTS "):]) if line else {"torch_facts": torch_facts.strip()[-300:]})
     facts.update(nvidia_smi_facts())
