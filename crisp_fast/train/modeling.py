@@ -113,7 +113,10 @@ def prepare_model(lm, model_config, device: torch.device) -> "CrispModel":
     if model_config.lora.enabled:
         from crisp_fast.train.lora import apply_lora
 
-        peft = apply_lora(lm, model_config.lora)
+        # peft draws A at random: seeded like the weights, so every rank (and a rerun) starts alike
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_config.seed)
+            peft = apply_lora(lm, model_config.lora)
     return wrap(CrispModel(lm, peft), device, model_config.mixed_precision, model_config.cpu_offload)
 
 
