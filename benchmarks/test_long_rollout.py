@@ -60,3 +60,27 @@ def test_long_rollout_step_fits_only_fused(bench_config):
         # same model, same data: the two losses are the same number
         assert abs(fused["loss"] - materialised["loss"]) <= 1e-3 * abs(materialised["loss"]) + 1e-6
         assert fused["peak_over_start_bytes"] < materialised["peak_over_start_bytes"]
+
+
+LONGEST_TOKENS, LONGEST_QUICK_TOKENS = 32768, 1024
+
+
+def test_32k_token_response_trains_in_one_trainer_step(bench_config):
+    """A single 32,768-token response (one prompt) through crisp-fast's Trainer in one step:
+    packed, activation checkpointing on (what `auto` decides at this length), attention by SDPA's
+    causal kernel per sequence (no T x T scores or mask), fused loss. Its own process, under the
+    memory cap; the row (time, peak RSS over the step's start) goes to long_rollout.json."""
+    tokens = LONGEST_QUICK_TOKENS if bench_config.quick else LONGEST_TOKENS
+    cap = harness.default_memory_cap(bench_config.mem_cap_gib)
+    result = harness.run_child("benchmarks.trainer_step",
+                               ["--trainer", "crisp", "--tokens", str(tokens), "--prompts", "1",
+                                "--checkpointing", "on"],
+                               memory_cap=cap, timeout_s=1800.0 if bench_config.quick else 4 * 3600.0)
+    row = {"loss_kind": "trainer step (packed, checkpointing)", "response_tokens": tokens, **result}
+    if row["status"] == "ok":
+        row["peak_over_start_mb"] = row["peak_over_start_bytes"] / 1e6
+    print("\n" + harness.format_table([row], [c for c in COLUMNS if c[1] != "peak_rss_mb"]))
+    harness.append_json("long_rollout.json", {"benchmark": "trainer_step_one_long_response", "quick": bench_config.quick,
+                                              "machine": harness.machine_facts("cpu"), "rows": [row]})
+    assert row["status"] == "ok", row
+    assert row["activation_checkpointing"] is True

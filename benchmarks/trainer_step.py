@@ -216,11 +216,13 @@ def main(argv=None):
     parser.add_argument("--variant", choices=("full", "nopack", "lora"), default="full")
     parser.add_argument("--tokens", type=int, default=1024, help="response tokens per prompt")
     parser.add_argument("--checkpointing", choices=("off", "on"), default="off")
+    parser.add_argument("--prompts", type=int, choices=(1, 2), default=2, help="how many of the 2 prompts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--warmup-tokens", type=int, default=0,
                         help="crisp-fast: one step on responses cut to this length first (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    del PROBLEMS[args.prompts:]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.trainer == "trl" and args.variant != "full":

@@ -149,7 +149,7 @@ def activation_bytes(s: ModelShape, tokens: int, compute: int, checkpointing: bo
 
 def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_rows: int | None = None,
                 mode: str = "full", device: str = "cuda", checkpointing: bool | None = None,
-                shape: ModelShape | None = None) -> Plan:
+                shape: ModelShape | None = None, device_memory_gib: float | None = None) -> Plan:
     """The per-rank plan of one step. `tokens`: tokens per micro-batch forward (default: the
     longest a micro-batch can be); `loss_rows`: response tokens scored in it (default: tokens)."""
     m, t, r = config.model, config.train, config.rollout
@@ -190,6 +190,8 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     device_bytes["teacher_snapshot"] = 0 if t.teacher_snapshot_device == "cpu" and device == "cuda" else snapshot
     on_host["teacher_snapshot"] = snapshot - device_bytes["teacher_snapshot"]
     stash = snapshot_elements * master // W  # the student's shards while the snapshot is swapped in
+    if mode == "offload":  # the shards, hence their stash, are on the host
+        on_host["teacher_stash (teacher pass)"], stash = stash, 0
     root = shape.embedding_parameters + shape.head_parameters + shape.hidden
     gathered = 0
     if W > 1 or compute != master or mode == "offload":
@@ -204,7 +206,8 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     # fp32 bytes measured on torch 2.13 CPU, counted as 1.5
     optimizer_temporary = 0 if mode == "offload" else 3 * trainable * 4 // (2 * W)
     if r.engine == "vllm":
-        rollout = int(r.vllm_gpu_memory_utilization * (80 * GIB)) if device == "cuda" else 0
+        # vLLM takes its fraction of the whole device (80 GiB when no size is given)
+        rollout = int(r.vllm_gpu_memory_utilization * (device_memory_gib or 80) * GIB) if device == "cuda" else 0
     else:
         rollout = 2 * shape.layers * shape.kv_heads * shape.head_dim * compute * r.max_batch_tokens
     resident = device_bytes["parameters"] + device_bytes["optimizer"] + device_bytes["teacher_snapshot"]
@@ -279,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = load_config(args.config, args.overrides)
-        plans = [plan_memory(config, world_size=args.world_size, tokens=args.tokens, mode=mode, device=args.device)
-                 for mode in modes]
+        plans = [plan_memory(config, world_size=args.world_size, tokens=args.tokens, mode=mode, device=args.device,
+                             device_memory_gib=args.device_memory) for mode in modes]
     except (ConfigError, OSError, ValueError) as error:
         print(f"crisp-fast plan-memory: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,129 @@
+"""One full training step on fixed rollouts: crisp-fast against TRL 1.16's DistillationTrainer.
+
+    pytest -q -s benchmarks/test_trainer_step.py            # T = 1,024 / 4,096 / 16,384 response tokens
+    pytest -q -s benchmarks/test_trainer_step.py --quick    # T = 256 / 1,024 (a smoke run)
+
+Each measurement is its own process (`benchmarks/trainer_step.py`, whose docstring says exactly
+how each trainer is set up: the same tiny real-vocabulary Qwen3, 2 prompts, the same fixed
+responses, a perturbed frozen teacher, fp32 CPU, AdamW; TRL keeps its loss, teacher pass and
+loop, only its generation hook returns the fixed responses). Variants: crisp-fast packed
+(default), crisp-fast padded (`nopack`), crisp-fast LoRA (when this crisp-fast has model.lora.*),
+TRL. Reported: step time, peak RSS over the step's start ("over the model"), the loss. The
+losses of crisp-fast and TRL must agree; the targets (at T = 4,096 and 16,384: >= 3x TRL's
+throughput at <= 1/8 of its peak over the model; LoRA <= 1/2 of full fine-tuning's peak) are
+printed PASS / MISS and saved, not asserted: timings need a quiet machine.
+Outputs: benchmarks/results/trainer_step.json (appended), trainer_step.md, trainer_step.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from benchmarks import harness
+
+QUICK_TOKENS, FULL_TOKENS = [256, 1024], [1024, 4096, 16384]
+TARGET_TOKENS = (4096, 16384)
+COLUMNS = [("trainer", "name", ""), ("T", "tokens", "{}"), ("time s", "time_s", "{:.1f}"),
+           ("peak over model MB", "peak_mb", "{:.0f}"), ("loss", "loss", "{:.6g}"), ("status", "status", "")]
+
+
+def lora_available() -> bool:
+    from crisp_fast.train.config import ModelConfig
+
+    return "lora" in {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def variants():
+    names = [("crisp-fast", ["--trainer", "crisp"]), ("crisp-fast nopack", ["--trainer", "crisp", "--variant", "nopack"])]
+    if lora_available():
+        names.append(("crisp-fast LoRA", ["--trainer", "crisp", "--variant", "lora"]))
+    return names + [("TRL 1.16", ["--trainer", "trl"])]
+
+
+def plot(rows, path, subtitle):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(row["name"] for row in rows):
+        points = sorted((row["tokens"], row) for row in rows if row["name"] == name and row["status"] == "ok")
+        if not points:
+            continue
+        axes[0].plot([t for t, _ in points], [r["time_s"] for _, r in points], marker="o", label=name)
+        axes[1].plot([t for t, _ in points], [r["peak_mb"] for _, r in points], marker="o", label=name)
+    for ax, label in zip(axes, ("step time (s)", "peak RSS over the model (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("response tokens per prompt (2 prompts)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    figure.suptitle(subtitle, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def test_trainer_step_against_trl(bench_config):
+    sizes = QUICK_TOKENS if bench_config.quick else FULL_TOKENS
+    cap = harness.default_memory_cap(bench_config.mem_cap_gib)
+    timeout = 1800.0 if bench_config.quick else 4 * 3600.0
+    print(f"\none training step on fixed rollouts, tiny Qwen3 with V = 151,936, 2 prompts, T in {sizes}")
+    rows = []
+    for tokens in sizes:
+        for name, args in variants():
+            result = harness.run_child("benchmarks.trainer_step", args + ["--tokens", str(tokens)],
+                                       memory_cap=cap, timeout_s=timeout)
+            row = {**result, "name": name, "tokens": tokens}
+            if row["status"] == "ok":
+                row["peak_mb"] = row["peak_over_start_bytes"] / 1e6
+            rows.append(row)
+            print(f"  T={tokens} {name}: {row['status']} {row.get('error', '')}", flush=True)
+    table = harness.format_table(rows, COLUMNS)
+    print("\n" + table)
+
+    def find(name, tokens):
+        return next((r for r in rows if r["name"] == name and r["tokens"] == tokens and r["status"] == "ok"), None)
+
+    verdicts = []
+    for tokens in sizes:
+        crisp, trl, lora = find("crisp-fast", tokens), find("TRL 1.16", tokens), find("crisp-fast LoRA", tokens)
+        if crisp and trl:
+            speed, memory = trl["time_s"] / crisp["time_s"], trl["peak_over_start_bytes"] / crisp["peak_over_start_bytes"]
+            met = speed >= 3 and memory >= 8
+            tag = ("PASS" if met else "MISS") if tokens in TARGET_TOKENS else "info"
+            verdicts.append(f"{tag} T={tokens}: crisp-fast {speed:.2f}x TRL's throughput at 1/{memory:.1f} of its "
+                            f"peak over the model (target >= 3x at <= 1/8)")
+        if crisp and lora:
+            ratio = lora["peak_over_start_bytes"] / crisp["peak_over_start_bytes"]
+            verdicts.append(f"{'PASS' if ratio <= 0.5 else 'MISS'} T={tokens}: LoRA peak = {ratio:.2f} x full "
+                            f"fine-tuning's (target <= 0.5)")
+    print("\n".join(verdicts))
+    facts = harness.machine_facts("cpu")
+    record = {"benchmark": "trainer_step", "quick": bench_config.quick, "machine": facts, "rows": rows,
+              "verdicts": verdicts}
+    path = harness.append_json("trainer_step.json", record)
+    os.makedirs(harness.RESULTS_DIR, exist_ok=True)
+    markdown = ["| trainer | T | time s | peak over model MB | loss | status |", "|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        markdown.append(f"| {row['name']} | {row['tokens']} | {row.get('time_s', float('nan')):.1f} | "
+                        f"{row.get('peak_mb', float('nan')):.0f} | {row.get('loss', float('nan')):.6g} | {row['status']} |")
+    with open(os.path.join(harness.RESULTS_DIR, "trainer_step.md"), "w") as out:
+        out.write(f"{harness.machine_line(facts)}\n\n" + "\n".join(markdown) + "\n\n" + "\n".join(verdicts) + "\n")
+    plot(rows, os.path.join(harness.RESULTS_DIR, "trainer_step.png"), harness.machine_line(facts))
+    print(f"rows appended to {path}; table in trainer_step.md, plot in trainer_step.png")
+
+    for row in rows:
+        assert row["status"] == "ok" or (row["name"] == "TRL 1.16" and row["status"] == "OOM"), row
+    for tokens in sizes:
+        crisp, trl = find("crisp-fast", tokens), find("TRL 1.16", tokens)
+        nopack = find("crisp-fast nopack", tokens)
+        if crisp and trl:  # same model, same rollouts, same teacher: the same loss
+            assert abs(crisp["loss"] - trl["loss"]) <= 1e-4 * abs(trl["loss"]) + 1e-7, (crisp["loss"], trl["loss"])
+        if crisp and nopack:
+            assert abs(crisp["loss"] - nopack["loss"]) <= 1e-5 * abs(nopack["loss"]) + 1e-8
