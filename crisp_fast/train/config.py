@@ -104,7 +104,7 @@ class TrainConfig:
     padding_side: str = "right"
     seed: int = 0
     max_response_tokens: int = 0  # 0 = no cap; else responses are cut to this many tokens for the loss
-    log_teacher_entropy: bool = True  # one extra no-grad pass over the teacher head per micro-batch
+    log_teacher_entropy: bool = True  # log the teacher entropy (from the loss's own pass, no extra pass)
     lr_schedule: str = "constant"  # constant | linear (to 0 at train.steps) | cosine (to 0 at train.steps), after warmup
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr over the first warmup_steps steps
     threads: int = 0  # torch CPU threads; 0 = auto (1 for a model under 50M parameters on CPU, else torch's default)

@@ -238,13 +238,6 @@ class CrispModel(nn.Module):
                                               student_bias=bias, teacher_bias=teacher_bias,
                                               token_weights=token_weights, reduction="sum", divergence=divergence,
                                               beta=beta if divergence == "jsd" else 1.0, return_stats=True, **options)
-        entropy = None
-        if teacher_entropy:
-            with torch.no_grad():  # the teacher's own entropy: its distribution scored against itself
-                weight = (head if teacher_weight is None else teacher_weight).detach()
-                b = None if teacher_bias is None else teacher_bias.detach()
-                _, teacher_stats = fused_linear_divergence(
-                    teacher_hidden.to(hidden.dtype), teacher_hidden.to(hidden.dtype), weight, student_bias=b,
-                    teacher_bias=b, reduction="sum", return_stats=True, **options)
-                entropy = teacher_stats.student_entropy
+        # the teacher's entropy comes out of the same fused pass (the kernels hold its log-sum-exp)
+        entropy = stats.teacher_entropy if teacher_entropy else None
         return loss, stats, entropy
