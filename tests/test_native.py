@@ -279,11 +279,11 @@ def test_nonfinite_rows():
 # bf16 / fp16: the mixed-GEMM path (bf16 operands, fp32 accumulators)
 # ------------------------------------------------------------------------------------------------
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_mixed_gemm_path_matches_fp32_path(seed, dtype, monkeypatch):
-    """CRISP_FAST_NATIVE_GEMM=input forces MKL's bf16/fp16 GEMMs even where the CPU would emulate
-    them: statistics as exact as the fp32-converted path (same products, fp32 sums), gradients
-    within the rounding of the gradient tile to the input dtype."""
+    """CRISP_FAST_NATIVE_GEMM=input forces MKL's bf16 GEMMs even where the CPU would emulate them:
+    statistics as exact as the fp32-converted path (same products, fp32 sums), dh from the
+    gradient tile split in two bf16 tiles (16 bits), dW from the tile rounded to bf16."""
     if "no MKL mixed GEMM" in native.build_info()["low_precision_gemm"]:
         pytest.skip("this torch's BLAS has no mixed-precision GEMM")
     hs, ht, w, _ = make_inputs(45, 32, 8300, dtype=dtype)
@@ -298,10 +298,8 @@ def test_mixed_gemm_path_matches_fp32_path(seed, dtype, monkeypatch):
     stats32, (dh32, dw32, _) = run_path("fp32")
     stats16, (dh16, dw16, _) = run_path("input")
     assert_close(stats16, stats32, rtol=1e-5, atol=1e-5, what="stats")
-    # the tile g rounded to the input dtype: about 2^-9 (bf16) / 2^-12 (fp16) of each term
-    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3
-    assert_close(dh16, dh32, rtol=tol, atol=0, what="dh")
-    assert_close(dw16, dw32, rtol=tol, atol=0, what="dW")
+    assert_close(dh16, dh32, rtol=2e-4, atol=0, what="dh")  # hi + lo: ~2^-17 of each term
+    assert_close(dw16, dw32, rtol=8e-3, atol=0, what="dW")  # hi: ~2^-9 of each term
     with pytest.raises(RuntimeError, match="CRISP_FAST_NATIVE_GEMM"):
         monkeypatch.setenv("CRISP_FAST_NATIVE_GEMM", "fast")
         native.forward(hs, ht, w, None, None, None)
