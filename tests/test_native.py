@@ -139,7 +139,7 @@ def test_bitwise_repeatable(seed, dtype):
 # float64 truth for the cases the split log-sum-exp exists for (backend level, new layout)
 # ------------------------------------------------------------------------------------------------
 def _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, *, divergence, beta, temperature, softcap=None,
-                raw_coeff=None):
+                raw_coeff=None, exact_epilogue=False):
     """(divergence, lse_s, lse_t, H_s, H_t, raw lse, dh, dW) in the dtype of the inputs, with the
     masked forms (p log p = 0 where p = 0) that make -inf logits exact."""
     hs = hs.detach().clone().requires_grad_()
@@ -148,6 +148,8 @@ def _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, *, divergence, beta, t
     if softcap is not None:
         ys = softcap * torch.tanh(ys / softcap)
     yt = ht @ w.detach().T + (0 if teacher_bias is None else teacher_bias.to(ht.dtype))
+    if exact_epilogue:  # logits rounded by the fp32 GEMM, everything after them in float64
+        ys, yt = ys.double(), yt.double()
     xs, xt = ys / temperature, yt / temperature
     log_p, log_q = torch.log_softmax(xs, -1), torch.log_softmax(xt, -1)
 
@@ -244,17 +246,21 @@ def test_new_cases_no_worse_than_plain_fp32(seed, case):
     truth = _rows_truth(*map(to64, (hs, ht, w, bias, teacher_bias, grad_loss)), **options,
                         **dict(extra, raw_coeff=to64(raw_coeff)))
     plain = _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, **options, **extra)
+    # what the fp32 GEMM's rounding of the logits alone costs: no fp32 backend can beat it, and on
+    # one random draw the plain computation can be luckier than that (seen at T = 0.05)
+    gemm_only = _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, **options, **extra, exact_epilogue=True)
     names = ("loss", "student lse", "teacher lse", "student entropy", "teacher entropy", "raw lse", "dh", "dW")
     for fused in (True, False):
         got = _rows_native(hs, ht, w, bias, teacher_bias, grad_loss, fused=fused, **options, **extra)
-        for name, mine, base, want in zip(names, got, plain, truth):
+        for name, mine, base, floor, want in zip(names, got, plain, gemm_only, truth):
             if name == "raw lse" and raw_coeff is None:
                 continue
             assert torch.isfinite(mine).all(), f"{case}: {name} is not finite"
             scale = want.abs().max().item()
             error = (mine.double() - want).abs().max().item()
             # the floor: ~16 fp32 ulps of the largest entry (a max-abs over one random draw is noisy)
-            bound = 2 * (base.double() - want).abs().max().item() + 1e-6 * scale
+            baseline = max((base.double() - want).abs().max().item(), (floor.double() - want).abs().max().item())
+            bound = 2 * baseline + 1e-6 * scale
             assert error <= bound, f"{case} ({'fused' if fused else 'fwd+bwd'}): {name} error {error:.3e} > {bound:.3e}"
 
 
