@@ -260,7 +260,9 @@ def test_new_cases_no_worse_than_plain_fp32(seed, case):
             error = (mine.double() - want).abs().max().item()
             # the floor: ~16 fp32 ulps of the largest entry (a max-abs over one random draw is noisy)
             baseline = max((base.double() - want).abs().max().item(), (floor.double() - want).abs().max().item())
-            bound = 2 * baseline + 1e-6 * scale
+            # gradients: + the stored fp32 log Z's half ulp (~5e-7 at log Z ~ 9), which the
+            # layout prescribes and which scales every p of the row alike
+            bound = 2 * baseline + (1e-6 if name not in ("dh", "dW") else 4e-6) * scale
             assert error <= bound, f"{case} ({'fused' if fused else 'fwd+bwd'}): {name} error {error:.3e} > {bound:.3e}"
 
 
