@@ -159,8 +159,9 @@ struct Workspace {
     if (p.student_gemm_dtype != p.student_hidden.scalar_type()) weight_block = aligned_floats(block * p.d);
     if (!p.shared && p.teacher_gemm_dtype != p.teacher_hidden.scalar_type())
       teacher_weight_block = aligned_floats(block * p.d_t);
-    // the gradient tile rounded to the input dtype for the mixed dh / dW GEMMs
-    if (p.student_gemm_dtype != at::kFloat) grad_tile = bytes(rows * block * 2);
+    // the gradient tile split into two bf16 tiles (hi, lo) for the mixed dh / dW GEMMs
+    // (forward_backward rounds each tile into its block's spent teacher half instead)
+    if (p.student_gemm_dtype != at::kFloat && !plan.full_rows) grad_tile = bytes(2 * rows * block * 2);
   }
 };
 
@@ -236,25 +237,40 @@ void transform_rows(const Problem& p, float* block, int64_t rows, int64_t v0, in
                 count, static_cast<float>(o.teacher_scale), static_cast<float>(o.teacher_softcap), inv_t);
 }
 
-// After gradient_row: on the mixed path, row r of G_b rounded to the input dtype for the GEMMs
+// After gradient_row: on the mixed path, row r of G_b split into bf16 hi + lo tiles for the GEMMs
 void round_gradient_row(const Problem& p, Workspace& ws, const float* g_row, int64_t r, int64_t count) {
   if (p.student_gemm_dtype == at::kFloat) return;
-  round_floats(p.student_gemm_dtype, g_row, reinterpret_cast<uint16_t*>(ws.grad_tile.get()) + r * count, count);
+  uint16_t* tiles = reinterpret_cast<uint16_t*>(ws.grad_tile.get());
+  split_floats(p.student_gemm_dtype, g_row, tiles + r * count, tiles + (ws.plan.chunk_rows + r) * count, count);
 }
 
 // G_b (student half of `block`) into dh, dW and db
+// `split`: the mixed path's hi tile, followed by the lo tile `lo_offset` elements later (default
+// ws.grad_tile, lo after chunk_rows rows).
 void apply_gradient_block(const Problem& p, Workspace& ws, const Chunk& c, const at::Tensor& w_block, float* block,
-                          int64_t v0, int64_t count, bool first_chunk, Grads& grads) {
+                          int64_t v0, int64_t count, bool first_chunk, Grads& grads, const void* split = nullptr) {
   if (p.student_gemm_dtype != at::kFloat) {
-    // G_b rounded to bf16/fp16 (as the plain computation in that dtype does), fp32 accumulators
+    // G_b = hi + lo, both bf16, fp32 accumulators. dh sums over the vocabulary with cancellation
+    // (sum_v g = 0 for reverse KL) that W's mean column amplifies: hi alone (a bf16-rounded G)
+    // was 40x the plain error at logits ~1e4, hi + lo (16 bits) is within it. dW with hi alone
+    // measured 1.93x the plain bf16 error (too close to the 2x contract), so it takes both too:
+    // 6 bf16 GEMMs in all, 1.5x the 4-GEMM count, still ~2x fewer cycles than fp32 on AMX.
     const at::ScalarType dtype = p.student_gemm_dtype;
-    const void* g = ws.grad_tile.get();
-    if (grads.hidden.defined())
-      mixed_gemm(dtype, false, false, c.rows, p.d, count, 1.0f, g, count, w_block.data_ptr(), p.d, 1.0f,
-                 grads.hidden.data_ptr<float>() + c.row0 * p.d, p.d);
-    if (grads.weight.defined())
-      mixed_gemm(dtype, true, false, count, p.d, c.rows, 1.0f, g, count, c.student_hidden.data_ptr(), p.d,
-                 first_chunk ? 0.0f : 1.0f, grads.weight.data_ptr<float>() + v0 * p.d, p.d);
+    const uint16_t* hi = static_cast<const uint16_t*>(split ? split : ws.grad_tile.get());
+    const uint16_t* lo = split ? hi + c.rows * count : hi + ws.plan.chunk_rows * count;
+    if (grads.hidden.defined()) {
+      for (const uint16_t* g : {hi, lo})
+        mixed_gemm(dtype, false, false, c.rows, p.d, count, 1.0f, g, count, w_block.data_ptr(), p.d, 1.0f,
+                   grads.hidden.data_ptr<float>() + c.row0 * p.d, p.d);
+    }
+    if (grads.weight.defined()) {
+      float beta = first_chunk ? 0.0f : 1.0f;
+      for (const uint16_t* g : {hi, lo}) {
+        mixed_gemm(dtype, true, false, count, p.d, c.rows, 1.0f, g, count, c.student_hidden.data_ptr(), p.d, beta,
+                   grads.weight.data_ptr<float>() + v0 * p.d, p.d);
+        beta = 1.0f;
+      }
+    }
   } else {
     at::Tensor g = view(block, {c.rows, count});
     if (grads.hidden.defined()) grads.hidden.narrow(0, c.row0, c.rows).addmm_(g, w_block);
@@ -341,13 +357,13 @@ void chunk_statistics(const Problem& p, Workspace& ws, const Chunk& c, float* st
 // Phase C's element-wise part for row r of one block: the gradient tile over the student logits
 // (already transformed), then its rounded copy on the mixed path.
 void gradient_tile_row(const Problem& p, Workspace& ws, float* out, int64_t rows, int64_t count, int64_t r,
-                       const float* stats_row, float loss_coeff, const float* grad_raw_row) {
+                       const float* stats_row, float loss_coeff, const float* grad_raw_row, bool round = true) {
   const Options& o = p.options;
   const RowGrad rg = row_grad(stats_row, o.divergence, &loss_coeff, grad_raw_row, 0);
   gradient_row(out + r * count, out + (rows + r) * count, count, rg, o.divergence, grad_raw_row != nullptr,
                static_cast<float>(o.beta), static_cast<float>(o.temperature), static_cast<float>(o.student_scale),
                static_cast<float>(o.student_softcap));
-  round_gradient_row(p, ws, out + r * count, r, count);
+  if (round) round_gradient_row(p, ws, out + r * count, r, count);
 }
 
 // &grad_raw_lse[i], or null when there is no raw-lse gradient
@@ -374,15 +390,15 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   } else if (full_rows) {
     const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
-    // fp32 logits of both sides, the hidden rows, and (low precision) the rounded gradient tile
-    const double per_row = 2.0 * 4.0 * vocab + 4.0 * (d + d_t) + (low_precision ? 2.0 * plan.vocab_block : 0.0);
+    // fp32 logits of both sides and the hidden rows (the bf16 hi/lo tiles reuse the teacher half)
+    const double per_row = 2.0 * 4.0 * vocab + 4.0 * (d + d_t);
     rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
     rows = std::min(rows, kMaxChunkRows);
   } else {
     // streaming keeps one block of both sides; small hidden sizes (tiny gradients) get fewer rows
     const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
-    const double per_row = 2.0 * 4.0 * plan.vocab_block + 4.0 * (d + d_t) + (low_precision ? 2.0 * plan.vocab_block : 0.0);
+    const double per_row = 2.0 * 4.0 * plan.vocab_block + 4.0 * (d + d_t) + (low_precision ? 4.0 * plan.vocab_block : 0.0);
     rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
     rows = std::min(rows, kStreamChunkRows);
   }
@@ -393,7 +409,7 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   plan.chunk_rows = rows;
   const int64_t blocks = full_rows ? (vocab + plan.vocab_block - 1) / plan.vocab_block : 1;
   plan.workspace_bytes = 4 * (blocks * 2 * rows * plan.vocab_block + rows * (d + d_t) +
-                              (low_precision ? plan.vocab_block * (d + d_t) + rows * plan.vocab_block / 2 : 0));
+                              (low_precision ? plan.vocab_block * (d + d_t) + (full_rows ? 0 : rows * plan.vocab_block) : 0));
   return plan;
 }
 
@@ -429,15 +445,34 @@ std::tuple<at::Tensor, Grads> forward_backward(const at::Tensor& hs, const at::T
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);
     Chunk c = load_chunk(p, ws, row0, rows);
     chunk_statistics(p, ws, c, stats.data_ptr<float>());
+    // Phase C, element-wise: every gradient tile of the chunk in one parallel region (the logits
+    // are all stored), not one region per block: each region's join waits for the slowest thread,
+    // and on a busy core that wait is a scheduler time slice (issue 16).
+    const int64_t blocks = (p.vocab + block - 1) / block;
+    const bool mixed = p.student_gemm_dtype != at::kFloat;
+    for_each_row(rows, [&](int64_t r) {
+      const float* stats_row = stats.data_ptr<float>() + (row0 + r) * kNumStats;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t count = std::min(block, p.vocab - b * block);
+        float* out = ws.logits.get() + b * ws.logits_block_stride;
+        gradient_tile_row(p, ws, out, rows, count, r, stats_row, grad_loss.data_ptr<float>()[row0 + r],
+                          raw_row(grad_raw, row0 + r), /*round=*/false);
+      }
+    });
+    if (mixed) {
+      // the tiles split into bf16 hi + lo, each pair into its block's teacher half (no longer needed)
+      for_each_row(blocks * rows, [&](int64_t i) {
+        const int64_t b = i / rows, r = i % rows, count = std::min(block, p.vocab - b * block);
+        float* out = ws.logits.get() + b * ws.logits_block_stride;
+        uint16_t* tiles = reinterpret_cast<uint16_t*>(out + rows * count);
+        split_floats(p.student_gemm_dtype, out + r * count, tiles + r * count, tiles + (rows + r) * count, count);
+      });
+    }
     for (int64_t v0 = 0, b = 0; v0 < p.vocab; v0 += block, ++b) {
       const int64_t count = std::min(block, p.vocab - v0);
       float* out = ws.logits.get() + b * ws.logits_block_stride;
-      for_each_row(rows, [&](int64_t r) {
-        gradient_tile_row(p, ws, out, rows, count, r, stats.data_ptr<float>() + (row0 + r) * kNumStats,
-                          grad_loss.data_ptr<float>()[row0 + r], raw_row(grad_raw, row0 + r));
-      });
       at::Tensor w_block = weight_block(p.weight, p.student_gemm_dtype, ws.weight_block.get(), v0, count);
-      apply_gradient_block(p, ws, c, w_block, out, v0, count, row0 == 0, grads);
+      apply_gradient_block(p, ws, c, w_block, out, v0, count, row0 == 0, grads, mixed ? out + rows * count : nullptr);
     }
   }
   return {stats, grads};

@@ -49,7 +49,7 @@ const char* forced_path() {
 }  // namespace
 
 GemmPath choose_gemm_path(at::ScalarType dtype) {
-  if (dtype != at::kBFloat16 && dtype != at::kHalf) return GemmPath::kFloat32;
+  if (dtype != at::kBFloat16) return GemmPath::kFloat32;  // fp16: see gemm.h
   if (const char* forced = forced_path()) {
     if (std::strcmp(forced, "fp32") == 0) return GemmPath::kFloat32;
     TORCH_CHECK(std::strcmp(forced, "input") == 0, "CRISP_FAST_NATIVE_GEMM must be 'fp32' or 'input', got '",
@@ -70,7 +70,8 @@ std::string low_precision_gemm() {
     if (!has_symbol(dtype)) return name + ": fp32 GEMMs on converted blocks (no MKL mixed GEMM in this torch)";
     return name + ": fp32 GEMMs on converted blocks (CPU lacks " + units + ")";
   };
-  std::string text = describe(at::kBFloat16, "amx_bf16/avx512_bf16") + "; " + describe(at::kHalf, "amx_fp16/avx512_fp16");
+  std::string text = describe(at::kBFloat16, "amx_bf16/avx512_bf16") +
+                     "; fp16: fp32 GEMMs on converted blocks (its range cannot hold the gradient tile)";
   if (forced_path()) text += std::string(" [forced by CRISP_FAST_NATIVE_GEMM=") + forced_path() + "]";
   return text;
 }
@@ -88,15 +89,15 @@ void mixed_gemm(at::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int
      int(ldc));
 }
 
-void round_floats(at::ScalarType dtype, const float* src, void* dst, int64_t n) {
-  if (dtype == at::kBFloat16) {
-    auto* out = static_cast<c10::BFloat16*>(dst);
+void split_floats(at::ScalarType dtype, const float* src, uint16_t* hi, uint16_t* lo, int64_t n) {
+  TORCH_CHECK(dtype == at::kBFloat16, "native backend: the gradient tile splits into bf16 only");
+  auto* hi16 = reinterpret_cast<c10::BFloat16*>(hi);
+  auto* lo16 = reinterpret_cast<c10::BFloat16*>(lo);
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = c10::BFloat16(src[i]);
-  } else {
-    auto* out = static_cast<c10::Half*>(dst);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = c10::Half(src[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const c10::BFloat16 top(src[i]);
+    hi16[i] = top;
+    lo16[i] = c10::BFloat16(src[i] - static_cast<float>(top));
   }
 }
 

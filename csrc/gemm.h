@@ -22,9 +22,10 @@ enum class GemmPath {
 };
 
 // The path for inputs of `dtype` on this CPU. fp32 inputs always take kFloat32. For bf16 / fp16,
-// kInputDtype when MKL exports the mixed GEMM and the CPU has native units for it (amx_bf16 or
-// avx512_bf16; amx_fp16 or avx512_fp16). CRISP_FAST_NATIVE_GEMM=fp32|input forces a path (for A/B
-// checks; `input` without the MKL symbol is an error).
+// bf16: kInputDtype when MKL exports the mixed GEMM and the CPU has native units for it (amx_bf16
+// or avx512_bf16). fp16 always converts: the gradient tile's tiny entries (p ~ 1e-10) underflow in
+// fp16, so the tile cannot be handed to an fp16 GEMM exactly. CRISP_FAST_NATIVE_GEMM=fp32|input
+// forces the bf16 path (A/B checks; `input` without the MKL symbol is an error).
 GemmPath choose_gemm_path(at::ScalarType dtype);
 
 // One line for build_info(): what bf16 and fp16 inputs run on here, and why.
@@ -35,7 +36,7 @@ std::string low_precision_gemm();
 void mixed_gemm(at::ScalarType dtype, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                 const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// dst[0, n) = src rounded to nearest-even in `dtype` (bf16 or fp16)
-void round_floats(at::ScalarType dtype, const float* src, void* dst, int64_t n);
+// src = hi + lo to 16 significant bits: hi = bf16(src), lo = bf16(src - hi)
+void split_floats(at::ScalarType dtype, const float* src, uint16_t* hi, uint16_t* lo, int64_t n);
 
 }  // namespace crisp_native

@@ -139,7 +139,7 @@ def test_bitwise_repeatable(seed, dtype):
 # float64 truth for the cases the split log-sum-exp exists for (backend level, new layout)
 # ------------------------------------------------------------------------------------------------
 def _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, *, divergence, beta, temperature, softcap=None,
-                raw_coeff=None):
+                raw_coeff=None, exact_epilogue=False):
     """(divergence, lse_s, lse_t, H_s, H_t, raw lse, dh, dW) in the dtype of the inputs, with the
     masked forms (p log p = 0 where p = 0) that make -inf logits exact."""
     hs = hs.detach().clone().requires_grad_()
@@ -148,6 +148,8 @@ def _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, *, divergence, beta, t
     if softcap is not None:
         ys = softcap * torch.tanh(ys / softcap)
     yt = ht @ w.detach().T + (0 if teacher_bias is None else teacher_bias.to(ht.dtype))
+    if exact_epilogue:  # logits rounded by the fp32 GEMM, everything after them in float64
+        ys, yt = ys.double(), yt.double()
     xs, xt = ys / temperature, yt / temperature
     log_p, log_q = torch.log_softmax(xs, -1), torch.log_softmax(xt, -1)
 
@@ -244,17 +246,23 @@ def test_new_cases_no_worse_than_plain_fp32(seed, case):
     truth = _rows_truth(*map(to64, (hs, ht, w, bias, teacher_bias, grad_loss)), **options,
                         **dict(extra, raw_coeff=to64(raw_coeff)))
     plain = _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, **options, **extra)
+    # what the fp32 GEMM's rounding of the logits alone costs: no fp32 backend can beat it, and on
+    # one random draw the plain computation can be luckier than that (seen at T = 0.05)
+    gemm_only = _rows_truth(hs, ht, w, bias, teacher_bias, grad_loss, **options, **extra, exact_epilogue=True)
     names = ("loss", "student lse", "teacher lse", "student entropy", "teacher entropy", "raw lse", "dh", "dW")
     for fused in (True, False):
         got = _rows_native(hs, ht, w, bias, teacher_bias, grad_loss, fused=fused, **options, **extra)
-        for name, mine, base, want in zip(names, got, plain, truth):
+        for name, mine, base, floor, want in zip(names, got, plain, gemm_only, truth):
             if name == "raw lse" and raw_coeff is None:
                 continue
             assert torch.isfinite(mine).all(), f"{case}: {name} is not finite"
             scale = want.abs().max().item()
             error = (mine.double() - want).abs().max().item()
             # the floor: ~16 fp32 ulps of the largest entry (a max-abs over one random draw is noisy)
-            bound = 2 * (base.double() - want).abs().max().item() + 1e-6 * scale
+            baseline = max((base.double() - want).abs().max().item(), (floor.double() - want).abs().max().item())
+            # gradients: + the stored fp32 log Z's half ulp (~5e-7 at log Z ~ 9), which the
+            # layout prescribes and which scales every p of the row alike
+            bound = 2 * baseline + (1e-6 if name not in ("dh", "dW") else 4e-6) * scale
             assert error <= bound, f"{case} ({'fused' if fused else 'fwd+bwd'}): {name} error {error:.3e} > {bound:.3e}"
 
 
@@ -279,11 +287,11 @@ def test_nonfinite_rows():
 # bf16 / fp16: the mixed-GEMM path (bf16 operands, fp32 accumulators)
 # ------------------------------------------------------------------------------------------------
 @needs_native
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_mixed_gemm_path_matches_fp32_path(seed, dtype, monkeypatch):
-    """CRISP_FAST_NATIVE_GEMM=input forces MKL's bf16/fp16 GEMMs even where the CPU would emulate
-    them: statistics as exact as the fp32-converted path (same products, fp32 sums), gradients
-    within the rounding of the gradient tile to the input dtype."""
+    """CRISP_FAST_NATIVE_GEMM=input forces MKL's bf16 GEMMs even where the CPU would emulate them:
+    statistics as exact as the fp32-converted path (same products, fp32 sums), dh from the
+    gradient tile split in two bf16 tiles (16 bits), dW from the tile rounded to bf16."""
     if "no MKL mixed GEMM" in native.build_info()["low_precision_gemm"]:
         pytest.skip("this torch's BLAS has no mixed-precision GEMM")
     hs, ht, w, _ = make_inputs(45, 32, 8300, dtype=dtype)
@@ -298,10 +306,8 @@ def test_mixed_gemm_path_matches_fp32_path(seed, dtype, monkeypatch):
     stats32, (dh32, dw32, _) = run_path("fp32")
     stats16, (dh16, dw16, _) = run_path("input")
     assert_close(stats16, stats32, rtol=1e-5, atol=1e-5, what="stats")
-    # the tile g rounded to the input dtype: about 2^-9 (bf16) / 2^-12 (fp16) of each term
-    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3
-    assert_close(dh16, dh32, rtol=tol, atol=0, what="dh")
-    assert_close(dw16, dw32, rtol=tol, atol=0, what="dW")
+    assert_close(dh16, dh32, rtol=2e-4, atol=0, what="dh")  # hi + lo: ~2^-17 of each term
+    assert_close(dw16, dw32, rtol=8e-3, atol=0, what="dW")  # hi: ~2^-9 of each term
     with pytest.raises(RuntimeError, match="CRISP_FAST_NATIVE_GEMM"):
         monkeypatch.setenv("CRISP_FAST_NATIVE_GEMM", "fast")
         native.forward(hs, ht, w, None, None, None)
