@@ -48,7 +48,9 @@ def _native_build_info() -> str:
         return "build info unavailable (this build of crisp_fast._native does not export build_info())"
     info = build_info()
     if isinstance(info, dict):
-        return "built with " + ", ".join(f"{key}={value}" for key, value in info.items())
+        # one line per key; a multi-line value (ATen's parallel report) folded onto its line
+        return "built with\n" + "\n".join(f"{'':9s}{key}: {'; '.join(str(value).split(chr(10))).strip()}"
+                                           for key, value in info.items())
     return f"built with {info}"
 
 

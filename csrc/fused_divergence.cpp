@@ -310,9 +310,10 @@ RowGrad row_grad(const float* stats_row, Divergence divergence, const float* gra
   g.max_t = stats_row[kTeacherMax];
   g.log_zt = stats_row[kTeacherLogZ];
   // reverse KL: log p - log q - KL = (us - ut) - [(log Z_s - log Z_t) + KL], the bracket in double
-  g.shift = divergence == kReverseKL
-                ? static_cast<float>((double(g.log_zs) - double(g.log_zt)) + double(stats_row[kGradShift]))
-                : stats_row[kGradShift];
+  const double shift = double(stats_row[kGradShift]) + double(stats_row[kGradShiftLo]) +
+                       (divergence == kReverseKL ? double(g.log_zs) - double(g.log_zt) : 0.0);
+  g.shift = static_cast<float>(shift);
+  g.shift_lo = static_cast<float>(shift - double(g.shift));
   g.raw_log_z = stats_row[kStudentRawLogZ];
   g.loss_coeff = grad_loss[i];
   g.raw_coeff = grad_raw_lse ? grad_raw_lse[i] : 0.0f;
@@ -351,6 +352,7 @@ void chunk_statistics(const Problem& p, Workspace& ws, const Chunk& c, float* st
     }
     stats_row[kLoss] = static_cast<float>(o.beta * kl_q_m + (1.0 - o.beta) * kl_p_m);
     stats_row[kGradShift] = static_cast<float>(kl_p_m);
+    stats_row[kGradShiftLo] = static_cast<float>(kl_p_m - double(stats_row[kGradShift]));
   });
 }
 

@@ -85,21 +85,28 @@ inline void block_sums(const float* xs, const float* xt, int64_t n, float ref_s,
                        double* sums) {
   for (int64_t start = 0; start < n; start += kSumSpan) {
     const int64_t stop = std::min(n, start + kSumSpan);
-    float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, ct_f = 0, dt_f = 0;
-#pragma omp simd reduction(+ : zs_f, cs_f, ds_f, zy_f, zt_f, ct_f, dt_f)
+    // The entries at the block's maximum (u == 0) add exactly 1 each: they are counted apart
+    // (ns, nt), so that the fp32 sums hold only the tail, which a 1 next to it would absorb (at
+    // p_max ~ 1 - 1e-7 the whole tail is below half an fp32 ulp of 1, and the entropy is that tail).
+    float zs_f = 0, cs_f = 0, ds_f = 0, zy_f = 0, zt_f = 0, ct_f = 0, dt_f = 0, ns_f = 0, nt_f = 0;
+#pragma omp simd reduction(+ : zs_f, cs_f, ds_f, zy_f, zt_f, ct_f, dt_f, ns_f, nt_f)
     for (int64_t v = start; v < stop; ++v) {
       const float us = xs[v] - ref_s, ut = xt[v] - ref_t;
       const float es = fast_exp(us), et = fast_exp(ut);
-      zs_f += es;
+      const bool top_s = us == 0.0f, top_t = ut == 0.0f;
+      zs_f += top_s ? 0.0f : es;
+      ns_f += top_s ? 1.0f : 0.0f;
       cs_f += weighted(es, us);
-      zt_f += et;
+      zt_f += top_t ? 0.0f : et;
+      nt_f += top_t ? 1.0f : 0.0f;
       ct_f += weighted(et, ut);
       if (kReverse) ds_f += weighted(es, us - ut);
       if (kForward) dt_f += weighted(et, ut - us);
-      if (kRaw) zy_f += fast_exp(temperature * us);
+      if (kRaw) zy_f += top_s ? 0.0f : fast_exp(temperature * us);
     }
-    sums[kZs] += zs_f, sums[kCs] += cs_f, sums[kDs] += ds_f, sums[kZy] += zy_f;
-    sums[kZt] += zt_f, sums[kCt] += ct_f, sums[kDt] += dt_f;
+    sums[kZs] += double(zs_f) + double(ns_f), sums[kCs] += cs_f, sums[kDs] += ds_f;
+    if (kRaw) sums[kZy] += double(zy_f) + double(ns_f);
+    sums[kZt] += double(zt_f) + double(nt_f), sums[kCt] += ct_f, sums[kDt] += dt_f;
   }
 }
 
@@ -178,6 +185,7 @@ inline void finish_row(const RowState& state, Divergence divergence, double temp
   stats_row[kStudentEntropy] = static_cast<float>(log_zs - state.cs / state.zs);
   stats_row[kTeacherEntropy] = static_cast<float>(log_zt - state.ct / state.zt);
   stats_row[kGradShift] = static_cast<float>(shift);
+  stats_row[kGradShiftLo] = static_cast<float>(shift - double(stats_row[kGradShift]));
   // untempered y_s = T x_s: max T m_s, log Z = log sum e^{T (x_s - m_s)}
   stats_row[kStudentRawMax] = need_raw ? static_cast<float>(temperature * state.ms) : 0.0f;
   stats_row[kStudentRawLogZ] = need_raw ? static_cast<float>(temperature == 1.0 ? log_zs : std::log(state.zy)) : 0.0f;
@@ -216,7 +224,8 @@ inline void jsd_block_terms(const float* xs, const float* xt, int64_t n, float m
 // Per-row constants of the gradient tile, from a stats row (see row_grad in fused_divergence.cpp).
 struct RowGrad {
   float max_s, log_zs, max_t, log_zt;
-  float shift;    // reverse_kl: (log Z_s - log Z_t) + KL, so log p - log q - KL = (us - ut) - shift;
+  float shift, shift_lo;  // hi + lo, so that the shift is exact at any size.
+                  // reverse_kl: (log Z_s - log Z_t) + KL, so log p - log q - KL = (us - ut) - shift;
                   // jsd: KL(p||m); forward_kl: unused
   float raw_log_z;                // log sum e^{T us}: softmax(y_s) = e^{T us - raw_log_z}
   float loss_coeff, raw_coeff;  // grad_loss[i] and grad_raw_lse[i] (0 when absent)
@@ -235,12 +244,12 @@ inline void gradient_block(float* xs, const float* xt, int64_t n, const RowGrad&
     const float p = fast_exp(us - row.log_zs);
     float g;
     if (kDivergence == kReverseKL) {
-      g = p * ((us - ut) - row.shift);
+      g = p * (((us - ut) - row.shift) - row.shift_lo);
     } else if (kDivergence == kForwardKL) {
       g = p - fast_exp(ut - row.log_zt);
     } else {
       const float log_p = us - row.log_zs, log_q = ut - row.log_zt;
-      g = (1.0f - beta) * p * (log_p - jsd_log_mixture(log_p, log_q, beta) - row.shift);
+      g = (1.0f - beta) * p * ((log_p - jsd_log_mixture(log_p, log_q, beta) - row.shift) - row.shift_lo);
     }
     // 0 * (-inf) would be NaN where the reference has an exact 0 (a -inf logit has p = 0)
     g = p == 0.0f && kDivergence != kForwardKL ? 0.0f : g;

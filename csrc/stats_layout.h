@@ -22,7 +22,8 @@ enum StatColumn : int64_t {
   kGradShift = 7,       // per-row constant of the logit gradient (crisp_fast.backends)
   kStudentRawMax = 8,   // max of the untempered student logits (only when need_raw_lse, else 0)
   kStudentRawLogZ = 9,  // log sum exp(y_s - kStudentRawMax) (only when need_raw_lse, else 0)
-  kNumStats = 10,
+  kGradShiftLo = 10,    // kGradShift's rounding residual: the shift is stored as hi + lo
+  kNumStats = 11,
 };
 
 // (Python name, value) pairs, in column order, for `stats_layout()`.
@@ -41,6 +42,7 @@ inline constexpr StatName kStatNames[] = {
     {"GRAD_SHIFT", kGradShift},
     {"STUDENT_RAW_MAX", kStudentRawMax},
     {"STUDENT_RAW_LOG_Z", kStudentRawLogZ},
+    {"GRAD_SHIFT_LO", kGradShiftLo},
     {"NUM_STATS", kNumStats},
 };
 

@@ -51,7 +51,7 @@ from .divergence_forward import (
     heavy_options, interpreting, kernel_flags, scalar_args,
 )
 from .stats_layout import (
-    GRAD_SHIFT, NUM_STATS, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX, TEACHER_LOG_Z, TEACHER_MAX,
+    GRAD_SHIFT, GRAD_SHIFT_LO, NUM_STATS, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX, TEACHER_LOG_Z, TEACHER_MAX,
 )
 
 
@@ -62,6 +62,7 @@ _STUDENT_LOG_Z = tl.constexpr(STUDENT_LOG_Z)
 _TEACHER_MAX = tl.constexpr(TEACHER_MAX)
 _TEACHER_LOG_Z = tl.constexpr(TEACHER_LOG_Z)
 _GRAD_SHIFT = tl.constexpr(GRAD_SHIFT)
+_GRAD_SHIFT_LO = tl.constexpr(GRAD_SHIFT_LO)
 _STUDENT_RAW_MAX = tl.constexpr(STUDENT_RAW_MAX)
 _STUDENT_RAW_LOG_Z = tl.constexpr(STUDENT_RAW_LOG_Z)
 _NUM_STATS = tl.constexpr(NUM_STATS)
@@ -87,6 +88,7 @@ def _gradient_tile(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, stats_ptr, gra
     m_t = tl.load(row_stats + _TEACHER_MAX, mask=row_ok, other=0.0)
     log_z_t = tl.load(row_stats + _TEACHER_LOG_Z, mask=row_ok, other=0.0)
     shift = tl.load(row_stats + _GRAD_SHIFT, mask=row_ok, other=0.0)
+    shift_lo = tl.load(row_stats + _GRAD_SHIFT_LO, mask=row_ok, other=0.0)
     upstream = tl.load(grad_loss_ptr + rows, mask=row_ok, other=0.0) * inv_temp
 
     centred_s = x_s - tl.where(m_s == float("-inf"), 0.0, m_s)[:, None]
@@ -95,12 +97,19 @@ def _gradient_tile(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, stats_ptr, gra
     p = tl.exp(log_p)
     if MODE == 0:
         # log p - log q = ((x_s - m_s) - (x_t - m_t)) - (log Z_s - log Z_t): no large values cancel
-        g = _times_log(p, (centred_s - centred_t) - (log_z_s - log_z_t)[:, None] - shift[:, None])
+        # log p - log q - KL = (x_s - m_s) - (x_t - m_t) - A with A = (log Z_s - log Z_t) + KL kept
+        # as hi + lo (TwoSum): where p is large the first difference is close to A_hi, so it cancels
+        # exactly and no rounding at the size of the KL tilts the row's gradient
+        delta_z = log_z_s - log_z_t
+        a_hi = delta_z + shift
+        a_back = a_hi - delta_z
+        a_lo = ((delta_z - (a_hi - a_back)) + (shift - a_back)) + shift_lo
+        g = _times_log(p, ((centred_s - centred_t) - a_hi[:, None]) - a_lo[:, None])
     elif MODE == 1:
         g = p - tl.exp(centred_t - log_z_t[:, None])
     else:
         log_m = _log_mixture(log_p, centred_t - log_z_t[:, None], log_1m_beta, log_beta)
-        g = one_m_beta * _times_log(p, log_p - log_m - shift[:, None])
+        g = one_m_beta * _times_log(p, (log_p - log_m - shift[:, None]) - shift_lo[:, None])
     dy = g * upstream[:, None]
     if NEED_RAW:
         raw_max = tl.load(row_stats + _STUDENT_RAW_MAX, mask=row_ok, other=0.0)

@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 
 from .stats_layout import (
-    GRAD_SHIFT, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX,
-    TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
+    GRAD_SHIFT, GRAD_SHIFT_LO, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z,
+    STUDENT_RAW_MAX, TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
 )
 
 REVERSE_KL, FORWARD_KL, JSD_FIRST, JSD_SECOND = 0, 1, 2, 3
@@ -448,4 +448,6 @@ def divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight=No
         stats[:, GRAD_SHIFT] = kl_pm
     if need_raw_lse:
         stats[:, STUDENT_RAW_MAX], stats[:, STUDENT_RAW_LOG_Z] = merged["raw_max"], merged["raw_log_z"]
+    # the gradient shift as hi + lo: a KL of ~40 rounded to fp32 alone would tilt the gradient
+    stats[:, GRAD_SHIFT_LO] = stats[:, GRAD_SHIFT] - stats[:, GRAD_SHIFT].float().double()
     return stats.float()

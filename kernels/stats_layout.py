@@ -14,4 +14,5 @@ TEACHER_ENTROPY = 6    # H(softmax(x_t)), nats
 GRAD_SHIFT = 7         # per-row constant of the logit gradient (crisp_fast.backends)
 STUDENT_RAW_MAX = 8    # max of the untempered student logits (only when need_raw_lse, else 0)
 STUDENT_RAW_LOG_Z = 9  # log sum exp(y_s - STUDENT_RAW_MAX) (only when need_raw_lse, else 0)
-NUM_STATS = 10
+GRAD_SHIFT_LO = 10     # GRAD_SHIFT - fp32(GRAD_SHIFT): the shift is stored as hi + lo (exact at any KL)
+NUM_STATS = 11

@@ -120,6 +120,29 @@ def _error(value, truth):
     return ((value - truth).abs().max().item()) / (scale if scale > 0 else 1.0)
 
 
+def _reordered_plain(problem, common):
+    """The plain materialised computation again with the hidden and vocabulary axes permuted (the
+    same math, another fp32 rounding of every dot product and row sum), its results mapped back:
+    {quantity: value} like `check` collects them."""
+    d, d_t, vocab = problem.h_s.shape[1], problem.h_t.shape[1], problem.w.shape[0]
+    pd, pt, pv = torch.randperm(d), torch.randperm(d_t), torch.randperm(vocab)
+    w_t = None if problem.w_t is None else problem.w_t[pv][:, pt]
+    h_t = problem.h_t[:, pt] if problem.w_t is not None else problem.h_t[:, pd]
+    permuted = Problem(problem.h_s[:, pd], h_t, problem.w[pv][:, pd], w_t,
+                       None if problem.b_s is None else problem.b_s[pv], None if problem.b_t is None else problem.b_t[pv],
+                       mask=problem.mask, token_weights=problem.token_weights, dtype=problem.h_s.dtype,
+                       weight_requires_grad=problem.weight_requires_grad)
+    to32 = lambda t: None if t is None else t.float()  # noqa: E731
+    loss, (g_h, g_w, g_b), stats = _evaluate(permuted, to32, _materialised, **common)
+    inverse_d, inverse_v = torch.argsort(pd), torch.argsort(pv)
+    values = {"loss": loss, "grad_hidden": None if g_h is None else g_h[:, inverse_d],
+              "grad_weight": None if g_w is None else g_w[inverse_v][:, inverse_d],
+              "grad_bias": None if g_b is None else g_b[inverse_v]}
+    counted = torch.ones(problem.n, dtype=torch.bool) if problem.mask is None else problem.mask.reshape(-1).bool()
+    values.update({name: value[counted] for name, value in stats.items()})
+    return values
+
+
 def check(backend, problem, *, reduction="mean", upstream=None, raw_coeff=None, **options):
     """Assert the bound on the loss, the three gradients and every TokenStats field; return the
     errors {quantity: (ours, plain)} for the report."""
@@ -131,6 +154,7 @@ def check(backend, problem, *, reduction="mean", upstream=None, raw_coeff=None, 
     same = lambda t: t  # noqa: E731
     truth = _evaluate(problem, to64, _materialised, **common)
     plain = _evaluate(problem, to32, _materialised, **common)
+    plain_reordered = _reordered_plain(problem, common)
     ours = _evaluate(problem, same, _fused(backend), **common)
 
     counted = torch.ones(problem.n, dtype=torch.bool) if problem.mask is None else problem.mask.reshape(-1).bool()
@@ -152,7 +176,9 @@ def check(backend, problem, *, reduction="mean", upstream=None, raw_coeff=None, 
     errors, failures = {}, []
     for name, (o, p, t) in quantities.items():
         assert o.shape == t.shape, (name, o.shape, t.shape)
-        ours_error, plain_error = _error(o, t), _error(p, t)
+        # the plain fp32 error is a random variable of the rounding order: its size is taken as the
+        # larger of two equally valid orders, so that one lucky draw does not set the bound
+        ours_error, plain_error = _error(o, t), max(_error(p, t), _error(plain_reordered[name], t))
         errors[name] = (ours_error, plain_error)
         floor = _floor(o)
         if not ours_error <= 2 * plain_error + floor:  # also fails on NaN

@@ -82,7 +82,7 @@ except ImportError:  # an uninstalled checkout
 def test_compiled_stats_layout_matches_python():
     compiled = dict(native._native().stats_layout())
     assert compiled == native._python_layout()
-    assert compiled["NUM_STATS"] == L.NUM_STATS == 10 and compiled["TEACHER_ENTROPY"] == L.TEACHER_ENTROPY
+    assert compiled["NUM_STATS"] == L.NUM_STATS == 11 and compiled["TEACHER_ENTROPY"] == L.TEACHER_ENTROPY
 
 
 def test_layout_mismatch_makes_backend_unavailable(monkeypatch):

@@ -244,7 +244,7 @@ def test_lora_under_fsdp2_two_processes_matches_one(tmp_path, seed):
     single = run_steps(Trainer(tiny_config(*config_args)), plan, 0, 1)
     mp.start_processes(fsdp_worker, args=(2, free_port(), config_args, plan, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["greedy"] + ranks[1]["greedy"] == single["greedy"]
     assert single["refreshes"] == ranks[0]["refreshes"] == [2]
     for r in ranks:

@@ -31,6 +31,9 @@ Triton kernels import as constants and csrc/stats_layout.h mirrors):
     GRAD_SHIFT         the per-row constant of the gradient (below); 0 for forward_kl
     STUDENT_RAW_MAX    max of the untempered capped logits y_s; only when need_raw_lse, else 0
     STUDENT_RAW_LOG_Z  log sum_v exp(y_s - STUDENT_RAW_MAX); only when need_raw_lse, else 0
+    GRAD_SHIFT_LO      GRAD_SHIFT - fp32(GRAD_SHIFT): the shift is a sum of the two columns, since
+                       a KL of ~40 rounded to fp32 (ulp 4e-6) alone would tilt every gradient row
+                       by p * 2e-6 / T in the direction of E_p[W]
 
 Why split: a log-sum-exp of logits ~1e4 rounded to fp32 is off by ~1e-3, and p = exp(x - lse) then
 does not sum to 1. Every probability and log-ratio is formed from max-shifted logits instead:
@@ -68,7 +71,8 @@ except ImportError:  # an uninstalled checkout: kernels/ is a top-level folder
 
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 STATS_COLUMNS = ("LOSS", "STUDENT_MAX", "STUDENT_LOG_Z", "TEACHER_MAX", "TEACHER_LOG_Z", "STUDENT_ENTROPY",
-                 "TEACHER_ENTROPY", "GRAD_SHIFT", "STUDENT_RAW_MAX", "STUDENT_RAW_LOG_Z")
+                 "TEACHER_ENTROPY", "GRAD_SHIFT", "STUDENT_RAW_MAX", "STUDENT_RAW_LOG_Z",
+                 "GRAD_SHIFT_LO")
 assert len(STATS_COLUMNS) == NUM_STATS
 
 

@@ -29,8 +29,8 @@ import os
 import torch
 
 from crisp_fast.backends import (
-    GRAD_SHIFT, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX,
-    TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
+    GRAD_SHIFT, GRAD_SHIFT_LO, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z,
+    STUDENT_RAW_MAX, TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
 )
 
 VOCAB_TILE = 8192          # the tiled path's vocabulary tile
@@ -184,7 +184,7 @@ def _divergence_gradient(xs, xt, row, divergence, beta, masked):
         # the row constant `shift` formed in float64 and rounded once
         xs_shift = xs - row["max_s"]
         p = torch.exp(xs_shift - row["log_z_s"])
-        g = xs_shift.sub_(xt - row["max_t"]).sub_(row["shift"]).mul_(p)
+        g = xs_shift.sub_(xt - row["max_t"]).sub_(row["shift"]).sub_(row["shift_lo"]).mul_(p)
         return torch.where(p > 0, g, 0.0) if masked else g
     log_p, log_q = _log_probs(xs, xt, row)
     p = log_p.exp()
@@ -194,15 +194,22 @@ def _divergence_gradient(xs, xt, row, divergence, beta, masked):
     return torch.where(p > 0, g, 0.0)
 
 
+def _rounded(stats64, dtype):
+    """The float64 statistics in the output dtype, the gradient shift kept as hi + lo."""
+    stats64[:, GRAD_SHIFT_LO] = stats64[:, GRAD_SHIFT] - stats64[:, GRAD_SHIFT].to(dtype).double()
+    return stats64.to(dtype)
+
+
 def _row_constants(stats64, divergence, dtype):
     """The [rows, 1] columns the gradient needs, from float64 statistics."""
     col = lambda values: values.to(dtype)[:, None]  # noqa: E731
     row = {"max_s": col(stats64[:, STUDENT_MAX]), "max_t": col(stats64[:, TEACHER_MAX]),
            "log_z_s": col(stats64[:, STUDENT_LOG_Z]), "log_z_t": col(stats64[:, TEACHER_LOG_Z])}
     if divergence == "reverse_kl":
-        row["shift"] = col(stats64[:, STUDENT_LOG_Z] - stats64[:, TEACHER_LOG_Z] + stats64[:, GRAD_SHIFT])
+        shift = stats64[:, STUDENT_LOG_Z] - stats64[:, TEACHER_LOG_Z] + stats64[:, GRAD_SHIFT] + stats64[:, GRAD_SHIFT_LO]
+        row["shift"], row["shift_lo"] = col(shift), col(shift - shift.to(dtype).double())
     elif divergence == "jsd":
-        row["kl_p_m"] = col(stats64[:, GRAD_SHIFT])
+        row["kl_p_m"] = col(stats64[:, GRAD_SHIFT] + stats64[:, GRAD_SHIFT_LO])
     return row
 
 
@@ -280,7 +287,7 @@ def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias
                 kl_p_m += p_part
             block[:, LOSS] = beta * kl_q_m + (1 - beta) * kl_p_m
             block[:, GRAD_SHIFT] = kl_p_m
-    return stats.to(dtype)
+    return _rounded(stats, dtype)
 
 
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
@@ -412,7 +419,7 @@ def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, stu
         free.append(i_s)  # the student logits are spent; the gradient now lives in the teacher's buffer
         previous = (r0, r1, xt_blocks, row_factor, h_s * row_factor[:, None] if grad_weight is not None else None,
                     i_t)
-    return stats.to(dtype), (grad_hidden, grad_weight, grad_bias)
+    return _rounded(stats, dtype), (grad_hidden, grad_weight, grad_bias)
 
 
 def _chunk_epilogue(ys_blocks, xt_blocks, block, grad_loss, grad_raw_lse, *, divergence, beta, temperature,
