@@ -69,14 +69,20 @@ def plot(rows, path, subtitle):
     return path
 
 
-def test_trainer_step_against_trl(bench_config):
+def test_trainer_step_against_trl(bench_config, request):
     sizes = QUICK_TOKENS if bench_config.quick else FULL_TOKENS
+    if request.config.getoption("--bench-tokens"):  # e.g. --bench-tokens 1024,4096,16384
+        sizes = bench_config.tokens
+    trl_max = bench_config.baselines_max_tokens  # TRL only up to this T (its 16k step takes long)
     cap = harness.default_memory_cap(bench_config.mem_cap_gib)
     timeout = 1800.0 if bench_config.quick else 4 * 3600.0
     print(f"\none training step on fixed rollouts, tiny Qwen3 with V = 151,936, 2 prompts, T in {sizes}")
     rows = []
     for tokens in sizes:
         for name, args in variants():
+            if name == "TRL 1.16" and trl_max is not None and tokens > trl_max:
+                print(f"  T={tokens} {name}: not run (--bench-baselines-max-tokens {trl_max})", flush=True)
+                continue
             result = harness.run_child("benchmarks.trainer_step", args + ["--tokens", str(tokens)],
                                        memory_cap=cap, timeout_s=timeout)
             row = {**result, "name": name, "tokens": tokens}
