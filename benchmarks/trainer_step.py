@@ -90,7 +90,7 @@ def crisp_config(args, out_dir):
     if args.variant == "lora":
         if "lora" not in {f.name for f in __import__("dataclasses").fields(ModelConfig)}:
             raise RuntimeError("this crisp-fast has no model.lora.* keys (LoRA comes with another branch)")
-        overrides += ["model.lora.r=16", "model.lora.alpha=32"]
+        overrides += ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32"]
     base = {
         "out": str(out_dir),
         "model": {"source": "build", "build": dict(MODEL), "tokenizer": "tiny-char", "dtype": "float32",
