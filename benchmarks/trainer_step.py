@@ -176,7 +176,8 @@ def run_trl(args):
             missing = [ids for ids in prompt_ids if tuple(ids) not in by_prompt]
             if missing:
                 raise RuntimeError(f"TRL tokenised a prompt differently from the fixed rollouts: {missing[0][:20]}")
-            return [list(by_prompt[tuple(ids)]) for ids in prompt_ids]
+            cut = args.warmup_tokens if args.warmup_tokens and self.state.global_step == 0 else None
+            return [list(by_prompt[tuple(ids)][:cut]) for ids in prompt_ids]
 
         def training_step(self, *args, **kwargs):  # observes the loss it returns, changes nothing
             loss = super().training_step(*args, **kwargs)
@@ -196,7 +197,7 @@ def run_trl(args):
 
     config = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=True, bf16=False, fp16=False,
-        gradient_checkpointing=args.checkpointing == "on", beta=1.0, temperature=1.0, max_steps=1,
+        gradient_checkpointing=args.checkpointing == "on", beta=1.0, temperature=1.0, max_steps=2 if args.warmup_tokens else 1,
         per_device_train_batch_size=len(rollouts), gradient_accumulation_steps=1, learning_rate=LR,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_completion_length=args.tokens, logging_steps=1, save_strategy="no", report_to=[], seed=args.seed,
@@ -206,7 +207,8 @@ def run_trl(args):
                                               processing_class=tokenizer, callbacks=[Measure()])
     trainer.train()
     return {"loss": measured["loss"], "time_s": measured["time_s"], "peak_over_start_bytes": measured["peak"],
-            "start_rss_bytes": measured["start_rss"], "trainable_parameters": sum(p.numel() for p in model.parameters()),
+            "start_rss_bytes": measured["start_rss"], "warmup_tokens": args.warmup_tokens,
+            "trainable_parameters": sum(p.numel() for p in model.parameters()),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -219,7 +221,8 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, choices=(1, 2), default=2, help="how many of the 2 prompts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--warmup-tokens", type=int, default=0,
-                        help="crisp-fast: one step on responses cut to this length first (0: none)")
+                        help="both trainers: one step on responses cut to this length first, so the measured step "
+                             "is a steady-state one (AdamW's state exists at its start); 0: the first step")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     del PROBLEMS[args.prompts:]

@@ -15,7 +15,7 @@ using crisp_native::Options;
 
 Options make_options(const std::string& divergence, double beta, double temperature, double student_scale,
                      double teacher_scale, std::optional<double> student_softcap, std::optional<double> teacher_softcap,
-                     bool need_raw_lse, bool deterministic) {
+                     bool need_raw_lse, bool deterministic, int64_t workspace_bytes) {
   Options o;
   if (divergence == "reverse_kl") o.divergence = crisp_native::kReverseKL;
   else if (divergence == "forward_kl") o.divergence = crisp_native::kForwardKL;
@@ -33,6 +33,8 @@ Options make_options(const std::string& divergence, double beta, double temperat
   o.teacher_softcap = teacher_softcap.value_or(0.0);
   o.need_raw_lse = need_raw_lse;
   o.deterministic = deterministic;
+  TORCH_CHECK(workspace_bytes >= -1, "native backend: workspace_bytes must be >= 0 (or -1: the default)");
+  o.workspace_bytes = workspace_bytes;
   return o;
 }
 
@@ -82,11 +84,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [](const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, const std::optional<at::Tensor>& wt,
            const std::optional<at::Tensor>& bs, const std::optional<at::Tensor>& bt, const std::string& divergence,
            double beta, double temperature, double student_scale, double teacher_scale,
-           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
+           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic,
+           int64_t workspace_bytes) {
           pybind11::gil_scoped_release no_gil;
           return crisp_native::forward(hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt),
                                        make_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                                    student_softcap, teacher_softcap, need_raw_lse, deterministic));
+                                                    student_softcap, teacher_softcap, need_raw_lse, deterministic, workspace_bytes));
         });
 
   m.def("backward",
@@ -95,12 +98,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_raw_lse, bool need_hidden,
            bool need_weight, bool need_bias, const std::string& divergence, double beta, double temperature,
            double student_scale, double teacher_scale, std::optional<double> student_softcap,
-           std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
+           std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic,
+           int64_t workspace_bytes) {
           pybind11::gil_scoped_release no_gil;
           auto g = crisp_native::backward(hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt), stats,
                                           grad_loss, or_undefined(grad_raw_lse), need_hidden, need_weight, need_bias,
                                           make_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                                       student_softcap, teacher_softcap, need_raw_lse, deterministic));
+                                                       student_softcap, teacher_softcap, need_raw_lse, deterministic, workspace_bytes));
           return std::make_tuple(maybe(g.hidden), maybe(g.weight), maybe(g.bias));
         });
 
@@ -109,13 +113,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const std::optional<at::Tensor>& bs, const std::optional<at::Tensor>& bt, const at::Tensor& grad_loss,
            const std::optional<at::Tensor>& grad_raw_lse, bool need_hidden, bool need_weight, bool need_bias,
            const std::string& divergence, double beta, double temperature, double student_scale, double teacher_scale,
-           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic) {
+           std::optional<double> student_softcap, std::optional<double> teacher_softcap, bool need_raw_lse, bool deterministic,
+           int64_t workspace_bytes) {
           pybind11::gil_scoped_release no_gil;
           auto [stats, g] = crisp_native::forward_backward(
               hs, ht, w, or_undefined(wt), or_undefined(bs), or_undefined(bt), grad_loss, or_undefined(grad_raw_lse),
               need_hidden, need_weight, need_bias,
               make_options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap,
-                           teacher_softcap, need_raw_lse, deterministic));
+                           teacher_softcap, need_raw_lse, deterministic, workspace_bytes));
           return std::make_tuple(stats, std::make_tuple(maybe(g.hidden), maybe(g.weight), maybe(g.bias)));
         });
 
@@ -128,12 +133,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Compiler, flags, -march level, BLAS, threads and GEMM path of this build.");
 
   m.def("plan",
-        [](int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows) {
-          auto plan = crisp_native::make_plan(n, vocab, d, d_t, low_precision, full_rows);
+        [](int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows,
+           int64_t workspace_bytes) {
+          auto plan = crisp_native::make_plan(n, vocab, d, d_t, low_precision, full_rows, workspace_bytes);
           return pybind11::dict(pybind11::arg("chunk_rows") = plan.chunk_rows,
                                 pybind11::arg("vocab_block") = plan.vocab_block,
                                 pybind11::arg("full_rows") = plan.full_rows,
                                 pybind11::arg("workspace_bytes") = plan.workspace_bytes);
         },
         "How a call with these sizes is tiled and the scratch bytes it holds beyond its outputs.");
+
+  m.def("fused_uses_full_rows",
+        [](int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, int64_t workspace_bytes) {
+          Options o;
+          o.workspace_bytes = workspace_bytes;
+          return crisp_native::fused_uses_full_rows(n, vocab, d, d_t, low_precision, o);
+        },
+        "Whether forward_backward keeps full rows (4 GEMMs) or streams (6 GEMMs) at these sizes.");
 }

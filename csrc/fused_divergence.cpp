@@ -1,7 +1,8 @@
 // The native CPU backend: chunked GEMMs through the platform BLAS (ATen -> MKL/OpenBLAS) with the
 // whole divergence epilogue fused into one pass over each logits block while it is in cache.
 //
-// forward_backward (scalar reductions) reaches the 4-GEMM floor: per chunk of tokens it
+// forward_backward (scalar reductions) reaches the 4-GEMM floor when the memory budget holds
+// enough full rows (fused_uses_full_rows; else it streams, below): per chunk of tokens it
 //   A. computes student and teacher logits for the whole vocabulary, block by block, and folds
 //      each block into the rows' online statistics right after its GEMM;
 //   B. finishes the exact row statistics (jsd: one more pass over the stored rows);
@@ -10,6 +11,10 @@
 // The chunk keeps 2 x chunk_rows x V fp32 logits, so chunk_rows comes from the memory budget
 // (make_plan). forward (stats only, reduction="none") and backward (recompute from saved stats)
 // stream over vocabulary blocks and need only 2 x chunk_rows x block scratch.
+// The GEMMs' speed is set by chunk_rows (their M, or K for dW), and at D = 256, V = 151,936
+// the default budget holds ~50 full rows: 59 GFLOP/s against 100 for the streaming GEMMs on
+// 1,024-row chunks (AVX2, N = 8192), so there 6 streaming GEMMs beat 4 full-row ones (38 s
+// against 43 s); kMinFullRows is where the two meet (full rows measured 74 GFLOP/s at 256).
 #include "fused_divergence.h"
 
 #include <ATen/Parallel.h>
@@ -36,7 +41,8 @@ namespace {
 // round trip when the 2 cores are oversubscribed), smaller ones a hotter cache.
 constexpr int64_t kVocabBlock = 8192;
 constexpr int64_t kMaxChunkRows = 512;     // past this the dW GEMM's K gains nothing measurable
-constexpr int64_t kStreamChunkRows = 256;  // streaming passes: K of dW += G^T h per chunk
+constexpr int64_t kStreamChunkRows = 1024;  // streaming passes: M of the logits GEMMs, K of dW += G^T h
+constexpr int64_t kMinFullRows = 192;       // fewer full rows than this: forward_backward streams
 // Scratch allowed beyond the irreducible gradients (dW fp32 [V, D] + dh fp32 [N, D]): the contract
 // is peak <= 1.5x those gradients, and we keep a fifth of the half in reserve for BLAS packing
 // buffers, the stats, the per-row coefficients and allocator slack (0.45 measured 1.53x RSS).
@@ -381,8 +387,11 @@ at::Tensor as_rows(const at::Tensor& t, int64_t n, const char* name) {
 
 }  // namespace
 
-Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows) {
+Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows,
+               int64_t budget_bytes) {
   Plan plan;
+  const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
+  const double budget = budget_bytes >= 0 ? double(budget_bytes) : kScratchShareOfGradients * gradient_bytes;
   plan.full_rows = full_rows;
   plan.vocab_block = std::min<int64_t>(kVocabBlock, std::max<int64_t>(vocab, 1));
   int64_t rows;
@@ -390,18 +399,18 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   if (forced > 0) {
     rows = forced;
   } else if (full_rows) {
-    const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
-    // fp32 logits of both sides and the hidden rows (the bf16 hi/lo tiles reuse the teacher half)
-    const double per_row = 2.0 * 4.0 * vocab + 4.0 * (d + d_t);
-    rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
+    // fp32 logits of both sides (whole blocks: the last one is padded) and the hidden rows (the
+    // bf16 hi/lo tiles reuse the teacher half)
+    const double padded_vocab = double((vocab + plan.vocab_block - 1) / plan.vocab_block * plan.vocab_block);
+    const double per_row = 2.0 * 4.0 * padded_vocab + 4.0 * (d + d_t);
+    rows = static_cast<int64_t>((budget - fixed) / per_row);
     rows = std::min(rows, kMaxChunkRows);
   } else {
     // streaming keeps one block of both sides; small hidden sizes (tiny gradients) get fewer rows
-    const double gradient_bytes = 4.0 * (double(vocab) * d + double(n) * d);
     const double fixed = low_precision ? 4.0 * plan.vocab_block * (d + d_t) : 0.0;
     const double per_row = 2.0 * 4.0 * plan.vocab_block + 4.0 * (d + d_t) + (low_precision ? 4.0 * plan.vocab_block : 0.0);
-    rows = static_cast<int64_t>((kScratchShareOfGradients * gradient_bytes - fixed) / per_row);
+    rows = static_cast<int64_t>((budget - fixed) / per_row);
     rows = std::min(rows, kStreamChunkRows);
   }
   rows = std::max<int64_t>(1, std::min(rows, n));
@@ -415,12 +424,20 @@ Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precis
   return plan;
 }
 
+bool fused_uses_full_rows(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision,
+                          const Options& options) {
+  // jsd's statistics need the full rows anyway; a forced chunk size (tests) keeps the full-row loop
+  if (options.divergence == kJSD || env_chunk_override() > 0) return true;
+  const Plan full = make_plan(n, vocab, d, d_t, low_precision, true, options.workspace_bytes);
+  return full.chunk_rows >= std::min(n, kMinFullRows);
+}
+
 at::Tensor forward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, const at::Tensor& wt,
                    const at::Tensor& bs, const at::Tensor& bt, const Options& options) {
   c10::NoGradGuard no_grad;  // the out= GEMMs refuse inputs that require grad; we are the gradient
   Problem p = make_problem(hs, ht, w, wt, bs, bt, options);
   at::Tensor stats = at::zeros({p.n, kNumStats}, at::TensorOptions().dtype(at::kFloat));
-  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, options.divergence == kJSD));
+  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, options.divergence == kJSD, options.workspace_bytes));
   for (int64_t row0 = 0; row0 < p.n; row0 += ws.plan.chunk_rows) {
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);
     chunk_statistics(p, ws, load_chunk(p, ws, row0, rows), stats.data_ptr<float>());
@@ -439,9 +456,14 @@ std::tuple<at::Tensor, Grads> forward_backward(const at::Tensor& hs, const at::T
   TORCH_CHECK(grad_loss.defined(), "native backend: grad_loss is required");
   at::Tensor grad_raw = as_rows(grad_raw_in, p.n, "grad_raw_lse");
   TORCH_CHECK(!grad_raw.defined() || options.need_raw_lse, "native backend: grad_raw_lse needs need_raw_lse=True");
+  if (!fused_uses_full_rows(p.n, p.vocab, p.d, p.d_t, p.low_precision, options)) {
+    at::Tensor stats = forward(hs, ht, w, wt, bs, bt, options);
+    return {stats, backward(hs, ht, w, wt, bs, bt, stats, grad_loss, grad_raw, need_hidden, need_weight, need_bias,
+                            options)};
+  }
   at::Tensor stats = at::zeros({p.n, kNumStats}, at::TensorOptions().dtype(at::kFloat));
   Grads grads = make_grads(p, need_hidden, need_weight, need_bias);
-  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, true));
+  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, true, options.workspace_bytes));
   const int64_t block = ws.plan.vocab_block;
   for (int64_t row0 = 0; row0 < p.n; row0 += ws.plan.chunk_rows) {
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);
@@ -495,7 +517,7 @@ Grads backward(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& w, 
   TORCH_CHECK(!grad_raw.defined() || options.need_raw_lse, "native backend: grad_raw_lse needs need_raw_lse=True");
   Grads grads = make_grads(p, need_hidden, need_weight, need_bias);
   if (!need_hidden && !need_weight && !need_bias) return grads;
-  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, false));
+  Workspace ws(p, make_plan(p.n, p.vocab, p.d, p.d_t, p.low_precision, false, options.workspace_bytes));
   const int64_t block = ws.plan.vocab_block;
   for (int64_t row0 = 0; row0 < p.n; row0 += ws.plan.chunk_rows) {
     const int64_t rows = std::min(ws.plan.chunk_rows, p.n - row0);

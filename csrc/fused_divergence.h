@@ -27,6 +27,9 @@ struct Options {
   // Bitwise-repeatable results. Always true of this backend (fixed chunking, fixed reduction
   // order, no atomics, GEMMs on fixed shapes): accepted so the protocol is the same everywhere.
   bool deterministic = false;
+  // Scratch bytes a call may hold beyond its outputs (-1: kScratchShareOfGradients of the
+  // irreducible gradients, so outputs + scratch <= 1.5x them). More scratch, larger row chunks.
+  int64_t workspace_bytes = -1;
 };
 
 struct Grads {
@@ -43,7 +46,14 @@ struct Plan {
 
 // full_rows: forward_backward (and forward of jsd), whose gradients need exact row statistics
 // before the first gradient tile; otherwise a streaming pass over vocabulary blocks.
-Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows);
+// budget_bytes: Options::workspace_bytes (-1: the default share of the gradients).
+Plan make_plan(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision, bool full_rows,
+               int64_t budget_bytes = -1);
+
+// forward_backward's schedule: full-row chunks (4 GEMMs) when the budget holds enough rows for
+// efficient GEMMs, else the streaming forward + backward (6 GEMMs on larger chunks).
+bool fused_uses_full_rows(int64_t n, int64_t vocab, int64_t d, int64_t d_t, bool low_precision,
+                          const Options& options);
 
 at::Tensor forward(const at::Tensor& student_hidden, const at::Tensor& teacher_hidden,
                    const at::Tensor& weight, const at::Tensor& teacher_weight,

@@ -94,6 +94,9 @@ class DivergenceOptions:
     teacher_softcap: float | None = None
     need_raw_lse: bool = False
     deterministic: bool = False
+    # scratch a CPU backend may hold beyond its outputs (its logits chunks); None: 40% of the
+    # irreducible gradients (dW + dh). The Triton backend's tiles live on chip: it ignores this.
+    workspace_bytes: int | None = None
 
 
 Grads = "tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]"

@@ -94,10 +94,18 @@ def build_info() -> dict:
     return dict(_native().build_info())
 
 
-def plan(n: int, vocab: int, d: int, d_t: int | None = None, *, dtype=torch.float32, full_rows: bool = True) -> dict:
+def plan(n: int, vocab: int, d: int, d_t: int | None = None, *, dtype=torch.float32, full_rows: bool | None = None,
+         workspace_bytes: int | None = None) -> dict:
     """How the backend tiles a problem: chunk_rows, vocab_block, full_rows, workspace_bytes (the
-    C++ scratch beyond the outputs). full_rows=True is forward_backward's plan."""
-    return _native().plan(n, vocab, d, d if d_t is None else d_t, dtype != torch.float32, full_rows)
+    C++ scratch beyond the outputs). full_rows=None is forward_backward's choice: full rows (4
+    GEMMs) when the budget holds enough of them for efficient GEMMs, else streaming (6 GEMMs on
+    larger chunks); True / False force one. `workspace_bytes`: the budget (None: the default)."""
+    d_t = d if d_t is None else d_t
+    budget = -1 if workspace_bytes is None else int(workspace_bytes)
+    low_precision = dtype != torch.float32
+    if full_rows is None:
+        full_rows = _native().fused_uses_full_rows(n, vocab, d, d_t, low_precision, budget)
+    return _native().plan(n, vocab, d, d_t, low_precision, full_rows, budget)
 
 
 def _native():
@@ -119,27 +127,28 @@ def _check(student_hidden, teacher_hidden, weight, teacher_weight):
 
 
 def _options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-             need_raw_lse, deterministic):
+             need_raw_lse, deterministic, workspace_bytes):
     return (divergence, float(beta), float(temperature), float(student_scale), float(teacher_scale),
             None if student_softcap is None else float(student_softcap),
-            None if teacher_softcap is None else float(teacher_softcap), bool(need_raw_lse), bool(deterministic))
+            None if teacher_softcap is None else float(teacher_softcap), bool(need_raw_lse), bool(deterministic),
+            -1 if workspace_bytes is None else int(workspace_bytes))
 
 
 def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
             divergence="reverse_kl", beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0,
-            student_softcap=None, teacher_softcap=None, need_raw_lse=False, deterministic=False):
+            student_softcap=None, teacher_softcap=None, need_raw_lse=False, deterministic=False, workspace_bytes=None):
     """fp32 stats [N, NUM_STATS] (columns in kernels/stats_layout.py). `deterministic` is accepted for
     the protocol: this backend is bitwise repeatable run to run whatever its value."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
     return _native().forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
                              *_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                       student_softcap, teacher_softcap, need_raw_lse, deterministic))
+                                       student_softcap, teacher_softcap, need_raw_lse, deterministic, workspace_bytes))
 
 
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats, grad_loss,
              grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl", beta=1.0,
              temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None, teacher_softcap=None,
-             need_raw_lse=False, deterministic=False):
+             need_raw_lse=False, deterministic=False, workspace_bytes=None):
     """(grad_hidden fp32 [N, D] | None, grad_weight fp32 [V, D] | None, grad_bias fp32 [V] | None),
     recomputing the logits block by block from the saved statistics."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
@@ -147,18 +156,18 @@ def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bia
                               stats, grad_loss, grad_raw_lse, bool(need_grad_hidden), bool(need_grad_weight),
                               bool(need_grad_bias and student_bias is not None),
                               *_options(divergence, beta, temperature, student_scale, teacher_scale,
-                                        student_softcap, teacher_softcap, need_raw_lse, deterministic))
+                                        student_softcap, teacher_softcap, need_raw_lse, deterministic, workspace_bytes))
 
 
 def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss,
                      grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, divergence="reverse_kl",
                      beta=1.0, temperature=1.0, student_scale=1.0, teacher_scale=1.0, student_softcap=None,
-                     teacher_softcap=None, need_raw_lse=False, deterministic=False):
+                     teacher_softcap=None, need_raw_lse=False, deterministic=False, workspace_bytes=None):
     """(stats, (grad_hidden, grad_weight, grad_bias)) from one sweep: 4 GEMMs, no logits recomputed."""
     _check(student_hidden, teacher_hidden, weight, teacher_weight)
     stats, grads = _native().forward_backward(
         student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, grad_loss, grad_raw_lse,
         bool(need_grad_hidden), bool(need_grad_weight), bool(need_grad_bias and student_bias is not None),
         *_options(divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-                  need_raw_lse, deterministic))
+                  need_raw_lse, deterministic, workspace_bytes))
     return stats, tuple(grads)

@@ -41,9 +41,11 @@ def is_available():
     return True, ""
 
 
-def _budget_bytes(n, d, vocab, need_grad_weight=True):
+def _budget_bytes(n, d, vocab, need_grad_weight=True, workspace_bytes=None):
     if "CRISP_FAST_TORCH_BUDGET_MB" in os.environ:
         return int(float(os.environ["CRISP_FAST_TORCH_BUDGET_MB"]) * 2**20)
+    if workspace_bytes is not None:
+        return max(1, int(workspace_bytes))
     irreducible = 4 * (n * d + (vocab * d if need_grad_weight else 0))
     return max(32 * 2**20, int(0.4 * irreducible))
 
@@ -244,7 +246,7 @@ def _tiles(n, vocab, budget, per_element_bytes):
 
 def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
             divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-            need_raw_lse, deterministic=False):
+            need_raw_lse, deterministic=False, workspace_bytes=None):
     # deterministic: every op here is bitwise repeatable on CPU (and run in a fixed order)
     n, d = student_hidden.shape
     vocab = weight.shape[0]
@@ -252,7 +254,7 @@ def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias
     dtype = _compute_dtype(student_hidden)
     masked = _has_neg_inf(student_bias, teacher_bias)
     stats = torch.zeros(n, NUM_STATS, device=student_hidden.device, dtype=torch.float64)
-    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab), per_element_bytes=4 * 10)
+    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab, workspace_bytes=workspace_bytes), per_element_bytes=4 * 10)
 
     def logits_tile(h_s, h_t, v0, v1):
         ys = _capped_logits(h_s, weight[v0:v1].to(dtype), _slice(student_bias, v0, v1), student_scale, student_softcap)
@@ -293,7 +295,7 @@ def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
              grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias,
              divergence, beta, temperature, student_scale, teacher_scale, student_softcap, teacher_softcap,
-             need_raw_lse, deterministic=False):
+             need_raw_lse, deterministic=False, workspace_bytes=None):
     n, d = student_hidden.shape
     vocab = weight.shape[0]
     t_weight = weight if teacher_weight is None else teacher_weight
@@ -303,7 +305,7 @@ def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bia
     grad_hidden = torch.zeros(n, d, device=device, dtype=dtype) if need_grad_hidden else None
     grad_weight = torch.zeros(vocab, d, device=device, dtype=dtype) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, device=device, dtype=dtype) if need_grad_bias else None
-    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab, need_grad_weight), 4 * 10)
+    rows_per_tile, vocab_tile = _tiles(n, vocab, _budget_bytes(n, d, vocab, need_grad_weight, workspace_bytes), 4 * 10)
     stats64 = stats.double()
     for r0 in range(0, n, rows_per_tile):
         r1 = min(n, r0 + rows_per_tile)
@@ -338,7 +340,7 @@ def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bia
 def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias,
                      grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias,
                      divergence, beta, temperature, student_scale, teacher_scale, student_softcap,
-                     teacher_softcap, need_raw_lse, deterministic=False):
+                     teacher_softcap, need_raw_lse, deterministic=False, workspace_bytes=None):
     n, d = student_hidden.shape
     vocab = weight.shape[0]
     shared = teacher_weight is None
@@ -351,7 +353,7 @@ def forward_backward(student_hidden, teacher_hidden, weight, teacher_weight, stu
     grad_bias = torch.zeros(vocab, device=device, dtype=dtype) if need_grad_bias else None
     need_weight_blocks_for_grads = grad_hidden is not None
     # three rows x V buffers live at once: this chunk's two logits, the previous chunk's gradient
-    rows_per_chunk = max(1, min(n, _budget_bytes(n, d, vocab, need_grad_weight) // (3 * 4 * vocab)))
+    rows_per_chunk = max(1, min(n, _budget_bytes(n, d, vocab, need_grad_weight, workspace_bytes) // (3 * 4 * vocab)))
     widest = max(d, teacher_hidden.shape[1])
     # small D: wide blocks (fewer, larger epilogue ops); large D: a ~4 MiB fp32 weight block
     block_cols = max(256, min(4 * VOCAB_TILE, CAST_BLOCK_BYTES // (4 * widest)))

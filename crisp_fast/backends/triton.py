@@ -32,7 +32,9 @@ def is_available() -> tuple[bool, str]:
     return True, "ok"
 
 
-def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, **options):
+def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, *,
+            workspace_bytes=None, **options):
+    # workspace_bytes is for the CPU backends' chunks: the kernels' tiles are on chip
     fwd, _ = _launchers()
     return fwd.divergence_forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias,
                                   teacher_bias, **options)
@@ -40,7 +42,7 @@ def forward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias
 
 def backward(student_hidden, teacher_hidden, weight, teacher_weight, student_bias, teacher_bias, stats,
              grad_loss, grad_raw_lse, *, need_grad_hidden, need_grad_weight, need_grad_bias, deterministic=False,
-             **options):
+             workspace_bytes=None, **options):
     import torch
 
     _, bwd = _launchers()

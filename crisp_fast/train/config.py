@@ -101,6 +101,9 @@ class TrainConfig:
     teacher_snapshot_dtype: str = "same"  # same (as the master weights) | bfloat16 | float32
     normalization: str = "token"  # token: mean over all response tokens of the global batch | sequence
     loss_backend: str = "auto"  # crisp_fast.fused_linear_reverse_kl backend
+    # scratch the CPU loss backends may hold per micro-batch (MiB); 0 = the library's default (40% of
+    # the lm_head gradient). More buys faster GEMMs: see docs/train.md, "The loss's workspace"
+    loss_workspace_mb: float = 0.0
     padding_side: str = "right"
     seed: int = 0
     max_response_tokens: int = 0  # 0 = no cap; else responses are cut to this many tokens for the loss
@@ -417,6 +420,8 @@ def validate_memory_and_loss_options(config: Config) -> None:
              f"train.divergence must be reverse_kl, forward_kl or jsd, got {t.divergence!r}")
     _require(0 <= t.jsd_beta <= 1, f"train.jsd_beta must be in [0, 1], got {t.jsd_beta}")
     _require(0 < t.loss_temperature < float("inf"), f"train.loss_temperature must be a finite number > 0, got {t.loss_temperature}")
+    _require(0 <= t.loss_workspace_mb < float("inf"),
+             f"train.loss_workspace_mb must be a finite number >= 0 (0 = the library default), got {t.loss_workspace_mb}")
     _require(0 <= t.teacher_ema <= 1, f"train.teacher_ema must be in [0, 1] (0 = off), got {t.teacher_ema}")
     _require(t.teacher_ema == 0 or t.teacher_refresh_every != 1,
              "train.teacher_ema needs a snapshot teacher, but train.teacher_refresh_every=1 is the live student "

@@ -107,9 +107,11 @@ class Trainer:
             enable_activation_checkpointing(lm)
             self.checkpointing = True
         self.model = prepare_model(lm, cfg_m, self.device)  # LoRA adapters, FSDP2 / bf16 / CPU offload
-        # only what trains (with LoRA, the adapters): no AdamW state for frozen parameters
+        # only what trains (with LoRA, the adapters): no AdamW state for frozen parameters. fused=True:
+        # one kernel per parameter, so no foreach temporaries the size of all parameters (measured:
+        # foreach AdamW's step added 308 MB, a third of a 4k-token step's peak, for a 79 M-parameter model)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg_t.lr,
-                                           betas=tuple(cfg_t.betas), weight_decay=cfg_t.weight_decay)
+                                           betas=tuple(cfg_t.betas), weight_decay=cfg_t.weight_decay, fused=True)
         self.teacher = TeacherSnapshot(self.model, cfg_t.teacher_refresh_every, device=cfg_t.teacher_snapshot_device,
                                        dtype=cfg_t.teacher_snapshot_dtype, ema=cfg_t.teacher_ema,
                                        base_teacher=base_teacher(self.model))
@@ -199,7 +201,8 @@ class Trainer:
             loss, stats, teacher_entropy = self.model(
                 *student.as_args(), teacher_hidden=teacher_hidden, teacher_head=teacher_head,
                 token_weights=token_weights, backend=t.loss_backend, teacher_entropy=t.log_teacher_entropy,
-                divergence=t.divergence, beta=t.jsd_beta, temperature=t.loss_temperature)
+                divergence=t.divergence, beta=t.jsd_beta, temperature=t.loss_temperature,
+                workspace_bytes=int(t.loss_workspace_mb * 2**20) or None)
             (loss * self.world).backward()
             del teacher_hidden, teacher_head
             with torch.no_grad():

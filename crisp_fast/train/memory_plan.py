@@ -8,7 +8,7 @@ exact for any architecture transformers knows. Everything else is counted from t
 
   parameters     P x bytes(model.dtype) / W                       (FSDP2 shards every parameter)
   gradients      trainable x bytes(model.dtype) / W
-  optimizer      AdamW: 2 x trainable x 4 / W, plus 1.5 x that of one moment during its step
+  optimizer      AdamW: 2 x trainable x 4 / W (fused: no temporaries during its step)
   teacher        the snapshot (full: P, LoRA: adapters; 0 when M = 1, and for LoRA with M = 0)
                  and, during the teacher pass, the stash of the student's shards
   gathered       FSDP2's unsharded copies in the compute dtype (root group + two decoder layers),
@@ -17,7 +17,8 @@ exact for any architecture transformers knows. Everything else is counted from t
                  off a Qwen3/Llama layer with saved_tensors_hooks), x layers x tokens; with
                  checkpointing, one layer input per layer plus one layer's recomputation
   loss buffers   the gathered student and teacher hidden states, d(hidden) and, when the lm_head
-                 trains, the fused loss's d(W) held until backward (all fp32)
+                 trains, the fused loss's d(W) held until backward (all fp32); on CPU also the
+                 loss's scratch (train.loss_workspace_mb, default 40% of d(W) + d(hidden))
   rollout        hf: the KV cache for rollout.max_batch_tokens; vllm: its memory fraction
 
 A step's peak is the largest of its phases (rollout, teacher pass, student backward, optimizer
@@ -200,11 +201,10 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     activations_other = activation_bytes(shape, tokens, compute, not checkpointing, lora)
     head_trains = not lora
     loss = rows * shape.hidden * 4 * 3 + (shape.vocab * shape.hidden * 4 if head_trains else 0)
+    if device == "cpu":  # the CPU backends' logits chunks (on GPU the Triton tiles are on chip)
+        loss += int(t.loss_workspace_mb * 2**20) or int(0.4 * 4 * (shape.vocab + rows) * shape.hidden)
     # backward of one layer: d(input), d(MLP hidden) and a d(W) of the biggest linear in flight
     backward_transient = tokens * (2 * shape.hidden + 2 * shape.intermediate) * 4
-    # torch's foreach AdamW step (sqrt of the second moment and friends): 1.47 x the trainable
-    # fp32 bytes measured on torch 2.13 CPU, counted as 1.5
-    optimizer_temporary = 0 if mode == "offload" else 3 * trainable * 4 // (2 * W)
     if r.engine == "vllm":
         # vLLM takes its fraction of the whole device (80 GiB when no size is given)
         rollout = int(r.vllm_gpu_memory_utilization * (device_memory_gib or 80) * GIB) if device == "cuda" else 0
@@ -217,7 +217,7 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
                         + tokens * (shape.hidden + 2 * shape.intermediate) * compute,
         "student backward": resident + gathered + activations + loss + backward_transient
                             + device_bytes["gradients"],
-        "optimizer step": resident + device_bytes["gradients"] + optimizer_temporary,
+        "optimizer step": resident + device_bytes["gradients"],
     }
     if r.engine == "vllm":  # colocated: its memory stays taken during training
         for phase in ("teacher pass", "student backward", "optimizer step"):

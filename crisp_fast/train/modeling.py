@@ -215,7 +215,7 @@ class CrispModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, gather_index, *, teacher_hidden=None,
                 teacher_head: TeacherHead | None = None, token_weights=None, backend="auto", copy_head=False,
-                divergence="reverse_kl", beta=1.0, temperature=1.0, teacher_entropy=False):
+                divergence="reverse_kl", beta=1.0, temperature=1.0, teacher_entropy=False, workspace_bytes=None):
         """Teacher mode (`teacher_hidden is None`): returns (hidden [N, D], TeacherHead or None);
         the head is copied only with `copy_head` (FSDP: the gathered teacher head is freed when
         the root reshards, and a snapshot shard is not the full head). Student mode: returns
@@ -233,7 +233,7 @@ class CrispModel(nn.Module):
         teacher_bias = bias if teacher_head is None else teacher_head.bias
         options = dict(temperature=temperature, student_logit_scale=transform.scale,
                        teacher_logit_scale=transform.scale, student_softcap=transform.softcap,
-                       teacher_softcap=transform.softcap, backend=backend)
+                       teacher_softcap=transform.softcap, backend=backend, workspace_bytes=workspace_bytes)
         loss, stats = fused_linear_divergence(hidden, teacher_hidden.to(hidden.dtype), head, teacher_weight,
                                               student_bias=bias, teacher_bias=teacher_bias,
                                               token_weights=token_weights, reduction="sum", divergence=divergence,
