@@ -23,9 +23,16 @@ checkpointing off in both unless `--checkpointing on`.
   to read the loss it returns (its logs round it); its loss
   (`_chunked_divergence_loss`), teacher pass, padding and training loop are its own.
 
-Peak memory is the RSS high-water mark during the step (reset through /proc/self/clear_refs at
-its start) minus the RSS at its start, when model, teacher and optimizer exist (AdamW's state is
-created in the step, in both). Prints `RESULT {json}`.
+With `--warmup-tokens K` both trainers first take one step on the responses cut to K tokens, so
+the measured step is a steady-state one, as every step after the first: AdamW's state exists at
+its start. Two memory figures, both from the RSS high-water mark of the measured step (reset
+through /proc/self/clear_refs at its start):
+  peak_over_start_bytes  minus the RSS at the step's start (model, teacher, AdamW state): what
+                         the step itself adds (activations, gradients, loss buffers)
+  peak_over_model_bytes  minus the RSS before the first step (model and teacher only): the
+                         above plus AdamW's state, i.e. all the training memory beyond the model
+Without a warm-up both are the first step's (AdamW's state is created inside it). Prints
+`RESULT {json}`.
 """
 from __future__ import annotations
 
@@ -87,6 +94,8 @@ def crisp_config(args, out_dir):
 
     length = max(len(p) for _, p, _ in args.rollouts) + args.tokens
     overrides = []
+    if args.loss_workspace_mb:
+        overrides.append(f"train.loss_workspace_mb={args.loss_workspace_mb}")
     if args.variant == "lora":
         if "lora" not in {f.name for f in __import__("dataclasses").fields(ModelConfig)}:
             raise RuntimeError("this crisp-fast has no model.lora.* keys (LoRA comes with another branch)")
@@ -127,6 +136,7 @@ def run_crisp(args):
         perturb_(trainer.teacher.snapshot, args.seed + 1)
     pairs = [PromptPair(i, ids, ids) for i, (_, ids, _) in enumerate(args.rollouts)]
     generations = [Generation(i, 0, response, "length") for i, (_, _, response) in enumerate(args.rollouts)]
+    model_rss = rss("VmRSS")
     if args.warmup_tokens:  # a short step first: AdamW's state exists, as in any step after the first
         trainer.train_on_rollouts(pairs, [Generation(g.prompt_index, 0, g.token_ids[:args.warmup_tokens], "length")
                                           for g in generations])
@@ -143,6 +153,7 @@ def run_crisp(args):
                        mode="lora" if args.variant == "lora" else "full",
                        checkpointing=bool(metrics.get("activation_checkpointing")))
     return {"loss": metrics["loss"], "time_s": seconds, "peak_over_start_bytes": peak, "start_rss_bytes": start_rss,
+            "peak_over_model_bytes": rss("VmHWM") - model_rss,
             "total_over_before_model_bytes": rss("VmHWM") - before_trainer, "plan_peak_bytes": plan.peak,
             "plan_peak_phase": plan.peak_phase, "warmup_tokens": args.warmup_tokens,
             "micro_batches": metrics["micro_batches"], "activation_checkpointing": metrics.get("activation_checkpointing"),
@@ -188,12 +199,14 @@ def run_trl(args):
 
     class Measure(TrainerCallback):
         def on_step_begin(self, *_, **__):
+            measured.setdefault("model_rss", rss("VmRSS"))  # before the first step: model and teacher
             measured["start_rss"] = reset_peak()
             measured["start"] = time.perf_counter()
 
         def on_step_end(self, *_, **__):
             measured["time_s"] = time.perf_counter() - measured["start"]
             measured["peak"] = rss("VmHWM") - measured["start_rss"]
+            measured["peak_over_model"] = rss("VmHWM") - measured["model_rss"]
 
     config = DistillationConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), use_cpu=True, bf16=False, fp16=False,
@@ -207,6 +220,7 @@ def run_trl(args):
                                               processing_class=tokenizer, callbacks=[Measure()])
     trainer.train()
     return {"loss": measured["loss"], "time_s": measured["time_s"], "peak_over_start_bytes": measured["peak"],
+            "peak_over_model_bytes": measured["peak_over_model"],
             "start_rss_bytes": measured["start_rss"], "warmup_tokens": args.warmup_tokens,
             "trainable_parameters": sum(p.numel() for p in model.parameters()),
             "parameters": sum(p.numel() for p in model.parameters())}
@@ -223,6 +237,8 @@ def main(argv=None):
     parser.add_argument("--warmup-tokens", type=int, default=0,
                         help="both trainers: one step on responses cut to this length first, so the measured step "
                              "is a steady-state one (AdamW's state exists at its start); 0: the first step")
+    parser.add_argument("--loss-workspace-mb", type=float, default=0,
+                        help="crisp-fast: train.loss_workspace_mb (0: the library default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     del PROBLEMS[args.prompts:]

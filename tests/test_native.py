@@ -397,10 +397,39 @@ def test_plan_scratch_within_half_the_gradients(n, d, dtype):
         plan = native.plan(n, vocab, d, dtype=dtype, full_rows=full_rows)
         assert plan["workspace_bytes"] <= 0.5 * gradients, plan
         assert 1 <= plan["chunk_rows"] <= n
-    plan = native.plan(n, vocab, d, dtype=dtype)
+    plan = native.plan(n, vocab, d, dtype=dtype, full_rows=True)
     # 2 fp32 logits rows of V per token in 0.4x the gradients: about D / 5 rows (less for bf16,
     # whose fp32 copy of a weight block comes out of the same budget)
     assert plan["chunk_rows"] >= min(n, d // 6 if dtype == torch.float32 else d // 8), plan
+    # forward_backward streams when that is under 192 rows: its chunks are then far larger
+    chosen = native.plan(n, vocab, d, dtype=dtype)
+    assert chosen["full_rows"] == (plan["chunk_rows"] >= min(n, 192)), (plan, chosen)
+    assert chosen["chunk_rows"] >= plan["chunk_rows"], (plan, chosen)
+
+
+@needs_native
+@pytest.mark.parametrize("workspace,full_rows", [(0, False), (3 << 20, True), (None, False)])
+def test_workspace_budget_bounds_scratch_and_keeps_results(seed, workspace, full_rows):
+    """workspace_bytes: the scratch stays within the budget (one row at the least), forward_backward
+    streams when the budget holds too few full rows (0, and the default at this small D) and keeps
+    full rows when it holds them all (3 MiB), and
+    every budget gives the float64 answer to the same accuracy, on both CPU backends."""
+    n, d, vocab = 37, 24, 5003
+    inputs = make_inputs(n, d, vocab, separate_teacher=True)
+    want_loss, want_grads = truth(*inputs, reduction="sum", temperature=0.8)
+    plan = native.plan(n, vocab, d, workspace_bytes=workspace)
+    assert plan["full_rows"] == full_rows, plan
+    if workspace is not None:
+        smallest = native.plan(n, vocab, d, full_rows=False, workspace_bytes=0)["workspace_bytes"]
+        assert plan["workspace_bytes"] <= max(workspace, smallest), plan
+    for backend in ("native", "torch"):
+        loss, grads = run(*inputs, reduction="sum", temperature=0.8, workspace_bytes=workspace, backend=backend)
+        assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, what=f"{backend} loss")
+        for got, want in zip(grads, want_grads):
+            assert_close(got, want, rtol=1e-5, atol=1e-7, what=f"{backend} grad")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="workspace_bytes must be None or an int >= 0"):
+            crisp_fast.fused_linear_reverse_kl(*inputs[:3], workspace_bytes=bad)
 
 
 _PEAK_SCRIPT = textwrap.dedent("""

@@ -164,6 +164,7 @@ def test_every_integer_key_rejects_negative_values(key):
     ("eval.every=5", "eval.every > 0 needs eval.data"),
     ("eval.best_metric=loss", "eval.best_metric must be one of accuracy, mean_tokens, penalized_accuracy, none"),
     ("prompts.template=jinja", "prompts.template must be chat or raw"),
+    ("train.loss_workspace_mb=-1", r"train.loss_workspace_mb must be a finite number >= 0"),
 ])
 def test_new_keys_are_validated(override, message):
     with pytest.raises(ConfigError, match=message):
