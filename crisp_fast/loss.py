@@ -109,7 +109,10 @@ def available_backends() -> dict[str, str]:
     return report
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype):
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The backend module a call with `backend` ("auto" or a name) runs for tensors on `device`
+    of `dtype`: "auto" is Triton on CUDA, native on CPU when built (else torch, with a logged
+    line). Raises ValueError / RuntimeError / TypeError saying why a named one cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -407,7 +410,7 @@ def fused_linear_divergence(
     if _raw_lse_coeff is not None and reduction == "none":
         raise ValueError("_raw_lse_coeff needs a scalar reduction ('mean' or 'sum'), not 'none'")
     options = _canonical(options)
-    module = _resolve_backend(backend, student_hidden.device, student_hidden.dtype)
+    module = resolve_backend(backend, student_hidden.device, student_hidden.dtype)
 
     d, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     h_s = student_hidden.reshape(-1, d)

@@ -16,10 +16,10 @@ def resolve_loss_backend(requested: str, device: torch.device, dtype: torch.dtyp
     """The backend `crisp_fast.fused_linear_reverse_kl(backend=requested)` will run for this
     device and dtype ("torch", "triton" or "native"); a warning when auto falls back to the slow
     torch backend on CPU because the native one is not built."""
-    from crisp_fast.loss import _resolve_backend, available_backends
+    from crisp_fast.loss import available_backends, resolve_backend
 
     try:
-        module = _resolve_backend(requested, device, dtype)
+        module = resolve_backend(requested, device, dtype)
     except (RuntimeError, TypeError, ValueError, ImportError) as error:
         raise ValueError(f"train.loss_backend={requested!r} cannot run here: {error}") from None
     name = module.__name__.rsplit(".", 1)[-1]
