@@ -40,7 +40,7 @@ from crisp_fast.train.metrics import MetricsLogger, peak_memory_bytes, reset_pea
 from crisp_fast.train.lora import parameter_counts
 from crisp_fast.train.modeling import attention_implementation, base_teacher, load_model, load_tokenizer, prepare_model, tokenizer_source
 from crisp_fast.train.prompts import build_prompts, check_instruction_fits, check_tokenizer, prompt_texts
-from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_loss_backend
+from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_loss_backend, return_freed_host_memory
 from crisp_fast.train.schedule import make_scheduler, restore_scheduler, scheduler_state
 from crisp_fast.train.packing import check_packing_supported, prepare_for_packing
 from crisp_fast.train.teacher import TeacherSnapshot
@@ -64,6 +64,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir or config.out)
         self.rank, self.world, self.device = setup_distributed()
+        return_freed_host_memory(self.device)  # CPU: freed activations leave the resident set (runtime.py)
         cfg_m, cfg_t = config.model, config.train
         if cfg_t.prompts_per_step % self.world:
             raise ValueError(f"train.prompts_per_step={cfg_t.prompts_per_step} must divide by the world size {self.world}")

@@ -1,7 +1,10 @@
 """Checks and settings made once, before the first step: the loss backend that will actually
-run, torch's CPU thread count, and a tokenizer that fits the model's embedding."""
+run, torch's CPU thread count, how freed host memory is returned, and a tokenizer that fits the
+model's embedding."""
 from __future__ import annotations
 
+import ctypes
+import sys
 import warnings
 
 import torch
@@ -28,6 +31,32 @@ def resolve_loss_backend(requested: str, device: torch.device, dtype: torch.dtyp
         warnings.warn(f"the native C++ loss backend is not available ({why}); the loss runs on the slower torch "
                       f"backend. Build it with: pip install --no-build-isolation --no-deps -e .", stacklevel=2)
     return name
+
+
+# glibc serves allocations above its mmap threshold with their own mappings, which free() returns
+# to the OS at once; smaller ones come from the heap, where a freed block stays resident until the
+# heap's top is trimmed. The threshold starts at 128 KiB but rises to the size of any mapped block
+# that is freed (up to 32 MiB), so after the first large tensor is freed, every activation and
+# gradient of a few MiB lands in the heap, and the holes backward leaves there stay resident.
+# Measured on a 4k-token step of the benchmark model: 905 MB over the step's start with glibc's
+# default, 697 MB with a fixed 1 MiB threshold, at the same step time (44-46 s).
+MMAP_THRESHOLD_BYTES = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def return_freed_host_memory(device: torch.device) -> bool:
+    """On a CPU run under glibc, fix malloc's mmap threshold at MMAP_THRESHOLD_BYTES, so a
+    freed tensor of 1 MiB or more leaves the resident set at once (see above). Returns True
+    when set; False elsewhere (a GPU run's tensors are in CUDA's own allocator; not glibc)."""
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
 
 def choose_threads(requested: int, device: torch.device, parameters: int) -> int | None:
