@@ -43,7 +43,17 @@ def _backend_params(interpreter_too_slow=False):
         if name == "triton" and interpreter_too_slow:
             marks.append(pytest.mark.slow)
         params.append(pytest.param(name, marks=marks, id=name))
+        if name == "native":
+            # forward_backward's other schedule: at these small D the default budget streams, so the
+            # full-row loop (4 GEMMs) runs here in forced 7-row chunks (the `_native_schedule` fixture)
+            params.append(pytest.param(name, marks=marks + [pytest.mark.native_full_rows], id="native-full-rows"))
     return params
+
+
+@pytest.fixture(autouse=True)
+def _native_schedule(request, monkeypatch):
+    if request.node.get_closest_marker("native_full_rows"):
+        monkeypatch.setenv("CRISP_FAST_NATIVE_CHUNK_ROWS", "7")
 
 
 ALL = _backend_params()

@@ -94,9 +94,15 @@ class DivergenceOptions:
     teacher_softcap: float | None = None
     need_raw_lse: bool = False
     deterministic: bool = False
-    # scratch a CPU backend may hold beyond its outputs (its logits chunks); None: 40% of the
-    # irreducible gradients (dW + dh). The Triton backend's tiles live on chip: it ignores this.
+    # scratch a CPU backend may hold beyond its outputs (its logits chunks); None:
+    # DEFAULT_WORKSPACE_SHARE of the irreducible gradients (dW + dh). The Triton backend's tiles
+    # live on chip: it ignores this.
     workspace_bytes: int | None = None
+
+
+# The default CPU scratch as a share of the fp32 dW + dh, so outputs + scratch stay under 1.5x them
+# (csrc/fused_divergence.cpp mirrors it as kScratchShareOfGradients).
+DEFAULT_WORKSPACE_SHARE = 0.4
 
 
 Grads = "tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]"

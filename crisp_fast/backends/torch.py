@@ -29,8 +29,8 @@ import os
 import torch
 
 from crisp_fast.backends import (
-    GRAD_SHIFT, GRAD_SHIFT_LO, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX, STUDENT_RAW_LOG_Z,
-    STUDENT_RAW_MAX, TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
+    DEFAULT_WORKSPACE_SHARE, GRAD_SHIFT, GRAD_SHIFT_LO, LOSS, NUM_STATS, STUDENT_ENTROPY, STUDENT_LOG_Z, STUDENT_MAX,
+    STUDENT_RAW_LOG_Z, STUDENT_RAW_MAX, TEACHER_ENTROPY, TEACHER_LOG_Z, TEACHER_MAX,
 )
 
 VOCAB_TILE = 8192          # the tiled path's vocabulary tile
@@ -47,7 +47,7 @@ def _budget_bytes(n, d, vocab, need_grad_weight=True, workspace_bytes=None):
     if workspace_bytes is not None:
         return max(1, int(workspace_bytes))
     irreducible = 4 * (n * d + (vocab * d if need_grad_weight else 0))
-    return max(32 * 2**20, int(0.4 * irreducible))
+    return max(32 * 2**20, int(DEFAULT_WORKSPACE_SHARE * irreducible))
 
 
 def _compute_dtype(tensor):

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crisp_fast.backends import DEFAULT_WORKSPACE_SHARE
+
 GIB = 1024 ** 3
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -202,7 +204,7 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     head_trains = not lora
     loss = rows * shape.hidden * 4 * 3 + (shape.vocab * shape.hidden * 4 if head_trains else 0)
     if device == "cpu":  # the CPU backends' logits chunks (on GPU the Triton tiles are on chip)
-        loss += int(t.loss_workspace_mb * 2**20) or int(0.4 * 4 * (shape.vocab + rows) * shape.hidden)
+        loss += int(t.loss_workspace_mb * 2**20) or int(DEFAULT_WORKSPACE_SHARE * 4 * (shape.vocab + rows) * shape.hidden)
     # backward of one layer: d(input), d(MLP hidden) and a d(W) of the biggest linear in flight
     backward_transient = tokens * (2 * shape.hidden + 2 * shape.intermediate) * 4
     if r.engine == "vllm":
