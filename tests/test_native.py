@@ -427,6 +427,8 @@ def test_workspace_budget_bounds_scratch_and_keeps_results(seed, workspace, full
         assert_close(loss, want_loss, rtol=1e-5, atol=1e-6, what=f"{backend} loss")
         for got, want in zip(grads, want_grads):
             assert_close(got, want, rtol=1e-5, atol=1e-7, what=f"{backend} grad")
+    with pytest.raises(ValueError, match="workspace_bytes must be None or >= 0"):
+        native.plan(n, vocab, d, workspace_bytes=-1)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="workspace_bytes must be None or an int >= 0"):
             crisp_fast.fused_linear_reverse_kl(*inputs[:3], workspace_bytes=bad)

@@ -100,6 +100,8 @@ def plan(n: int, vocab: int, d: int, d_t: int | None = None, *, dtype=torch.floa
     C++ scratch beyond the outputs). full_rows=None is forward_backward's choice: full rows (4
     GEMMs) when the budget holds enough of them for efficient GEMMs, else streaming (6 GEMMs on
     larger chunks); True / False force one. `workspace_bytes`: the budget (None: the default)."""
+    if workspace_bytes is not None and workspace_bytes < 0:
+        raise ValueError(f"workspace_bytes must be None or >= 0, got {workspace_bytes}")
     d_t = d if d_t is None else d_t
     budget = -1 if workspace_bytes is None else int(workspace_bytes)
     low_precision = dtype != torch.float32
