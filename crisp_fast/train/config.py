@@ -49,6 +49,9 @@ class ModelConfig:
     # activation_checkpointing=auto: on for a step whose largest micro-batch forward (tokens through
     # the decoder at once: the packed row, or count x longest padded row) has at least this many
     activation_checkpointing_min_tokens: int = 1024
+    # a decoder MLP over more tokens than this runs a tile at a time: in pieces in the teacher pass,
+    # and, in a checkpointed layer, with each tile recomputed in backward (train/tiling.py); 0 = off
+    mlp_tile_tokens: int = 4096
 
 
 @dataclass
@@ -384,6 +387,7 @@ def validate(config: Config) -> None:
     _require(t.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {t.threads}")
     _require(m.activation_checkpointing_min_tokens >= 1,
              f"model.activation_checkpointing_min_tokens must be >= 1, got {m.activation_checkpointing_min_tokens}")
+    _require(m.mlp_tile_tokens >= 0, f"model.mlp_tile_tokens must be >= 0 (0 = off), got {m.mlp_tile_tokens}")
     _require(c.every >= 0, f"checkpoint.every must be >= 0, got {c.every}")
     _require(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     _require(log.tensorboard in ("auto", "on", "off"), f"log.tensorboard must be auto, on or off, got {log.tensorboard!r}")

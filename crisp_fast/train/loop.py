@@ -44,6 +44,7 @@ from crisp_fast.train.runtime import check_vocabulary, choose_threads, resolve_l
 from crisp_fast.train.schedule import make_scheduler, restore_scheduler, scheduler_state
 from crisp_fast.train.packing import check_packing_supported, prepare_for_packing
 from crisp_fast.train.teacher import TeacherSnapshot
+from crisp_fast.train.tiling import tile_mlps
 from crisp_fast.train.validation import Validator
 
 
@@ -102,6 +103,8 @@ class Trainer:
             torch.set_num_threads(self.threads)
         if cfg_t.packing:
             prepare_for_packing(lm)
+        if cfg_m.mlp_tile_tokens:
+            tile_mlps(lm, cfg_m.mlp_tile_tokens)
         # "auto" is decided per step from the micro-batch sizes (_decide_checkpointing)
         self.checkpointing = None
         if cfg_m.activation_checkpointing == "on":
@@ -204,8 +207,8 @@ class Trainer:
                 token_weights=token_weights, backend=t.loss_backend, teacher_entropy=t.log_teacher_entropy,
                 divergence=t.divergence, beta=t.jsd_beta, temperature=t.loss_temperature,
                 workspace_bytes=int(t.loss_workspace_mb * 2**20) or None)
+            del teacher_hidden, teacher_head  # the loss keeps what its backward needs; free the rest now
             (loss * self.world).backward()
-            del teacher_hidden, teacher_head
             with torch.no_grad():
                 token_weights_mean = torch.full_like(token_weights, 0.0 if dummy else 1.0 / global_tokens)
                 sums["loss"] += float(loss)
