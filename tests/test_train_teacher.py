@@ -89,15 +89,25 @@ def test_frozen_and_live_teachers(tmp_path, seed):
     torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
 
 
-def test_swap_restores_student_after_an_error(tmp_path, seed):
-    trainer = make_trainer(tmp_path, 5)
+@pytest.mark.parametrize("snapshot_dtype", ["same", "bfloat16"])  # exchanged in place / stashed
+def test_swap_restores_student_after_an_error(tmp_path, seed, snapshot_dtype):
+    from crisp_fast.train import teacher as teacher_module
+
+    trainer = make_trainer(tmp_path, 5, [f"train.teacher_snapshot_dtype={snapshot_dtype}"])
     for tensor in trainer.teacher.snapshot:
         tensor.add_(1.0)
     before = weights(trainer)
-    with pytest.raises(RuntimeError, match="boom"), trainer.teacher.swapped_in():
-        assert all(torch.equal(local_tensor(p), s) for p, s in zip(trainer.model.parameters(), trainer.teacher.snapshot))
-        raise RuntimeError("boom")
+    teacher = [s.clone() for s in trainer.teacher.snapshot]
+    chunk = teacher_module.EXCHANGE_CHUNK_BYTES
+    teacher_module.EXCHANGE_CHUNK_BYTES = 4 * random.randint(1, 97)  # many chunks, a ragged last one
+    try:
+        with pytest.raises(RuntimeError, match="boom"), trainer.teacher.swapped_in():
+            assert all(torch.equal(local_tensor(p), s.to(p.dtype)) for p, s in zip(trainer.model.parameters(), teacher))
+            raise RuntimeError("boom")
+    finally:
+        teacher_module.EXCHANGE_CHUNK_BYTES = chunk
     assert all(torch.equal(a, b) for a, b in zip(weights(trainer), before))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.teacher.snapshot, teacher))
 
 
 def test_snapshot_dtype_option(tmp_path, seed):
@@ -157,3 +167,19 @@ def test_ema_needs_a_snapshot(tmp_path, seed):
                          ("train.teacher_ema=1.5", r"train.teacher_ema must be in \[0, 1\]")]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path / "p.jsonl", tmp_path / "out", ["train.teacher_refresh_every=1", bad])
+
+
+def test_swap_copies_nothing_model_sized(tmp_path, seed, monkeypatch):
+    """The snapshot and the student's shards trade contents through a small buffer: no clone
+    during the swap is bigger than one chunk (a stash would clone every parameter)."""
+    from crisp_fast.train import teacher as teacher_module
+
+    trainer = make_trainer(tmp_path, 5)
+    monkeypatch.setattr(teacher_module, "EXCHANGE_CHUNK_BYTES", 4 * random.randint(8, 64))
+    cloned = []
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: cloned.append(self.numel()) or clone(self, *a, **k))
+    with trainer.teacher.swapped_in():
+        pass
+    largest = max(p.numel() for p in trainer.model.parameters())
+    assert cloned and max(cloned) * 4 <= teacher_module.EXCHANGE_CHUNK_BYTES < largest * 4

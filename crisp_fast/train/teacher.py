@@ -17,11 +17,13 @@ M = teacher_refresh_every, a = teacher_ema:
          that M = 1 (no snapshot to average) is refused by the config.
 
 Cost (P = local shard elements of the trainable parameters on this rank):
-  memory  the snapshot: P * bytes(snapshot dtype), on the configured device (CPU: host memory);
-          during a swap, a stash of the student's local shards: P * bytes(param dtype) on the
-          parameters' device, freed right after.
-  time    per teacher pass: three copies of the local shards (stash, load snapshot, restore),
-          i.e. ~3 * P * bytes over the memory bus (host<->device if the snapshot is on CPU).
+  memory  the snapshot: P * bytes(snapshot dtype), on the configured device (CPU: host memory).
+          A swap exchanges the contents of the snapshot and the local shards through a 16 MiB
+          buffer (the snapshot holds the student during the teacher pass), so it costs nothing
+          model-sized; only a snapshot in another dtype than the parameters (teacher_snapshot_dtype)
+          needs a stash of the student's shards, P * bytes(param dtype), during the pass.
+  time    per teacher pass: six copies of the local shards (three each way; with a stash: three),
+          i.e. ~6 * P * bytes over the memory bus (host<->device if the snapshot is on CPU).
 
 The teacher's lm_head for the loss (`head_source`): "shared" when it is the student's tensor
 (M = 1, a frozen head, the base-model teacher): the loss's shared-weight path, nothing copied;
@@ -47,6 +49,28 @@ def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
 def _is_sharded(parameter: torch.Tensor) -> bool:
     mesh = getattr(parameter, "device_mesh", None)
     return mesh is not None and mesh.size() > 1
+
+
+EXCHANGE_CHUNK_BYTES = 16 * 2**20
+
+
+@torch.no_grad()
+def _exchange_all(tensors: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+    """Swap the contents of each pair (same shape and dtype, any devices) through one buffer of at
+    most EXCHANGE_CHUNK_BYTES on the first tensor's device: bitwise, and nothing model-sized."""
+    for a, b in zip(tensors, others):
+        if not (a.is_contiguous() and b.is_contiguous()):
+            buffer = a.clone()
+            a.copy_(b)
+            b.copy_(buffer)
+            continue
+        a_flat, b_flat = a.view(-1), b.view(-1)
+        step = max(1, EXCHANGE_CHUNK_BYTES // a.element_size())
+        for start in range(0, a_flat.numel(), step):
+            x, y = a_flat[start:start + step], b_flat[start:start + step]
+            buffer = x.clone()
+            x.copy_(y)
+            y.copy_(buffer)
 
 
 class TeacherSnapshot:
@@ -159,7 +183,16 @@ class TeacherSnapshot:
                 yield
             return
         locals_ = [local_tensor(p) for p in self.parameters]
-        with torch.no_grad():
+        if self._exchangeable(locals_):
+            # the snapshot and the shards trade contents through a small buffer: no stash, no copy
+            # of the model; on exit they trade back, so the snapshot is the teacher again
+            _exchange_all(locals_, self.snapshot)
+            try:
+                yield
+            finally:
+                _exchange_all(locals_, self.snapshot)
+            return
+        with torch.no_grad():  # a snapshot in another dtype cannot hold the student: stash it
             stash = [t.clone() for t in locals_]
             for target, saved in zip(locals_, self.snapshot):
                 target.copy_(saved, non_blocking=True)
@@ -170,6 +203,9 @@ class TeacherSnapshot:
                 for target, original in zip(locals_, stash):
                     target.copy_(original)
             del stash
+
+    def _exchangeable(self, locals_) -> bool:
+        return all(s.dtype == t.dtype and s.shape == t.shape for s, t in zip(self.snapshot, locals_))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The snapshot's local shards by parameter name (for checkpoints)."""
