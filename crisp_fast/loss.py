@@ -270,12 +270,18 @@ def _raw_lse(stats):
 # --------------------------------------------------------------------------------------------
 def _student_grads(ctx, grad_hidden, grad_weight, grad_bias):
     """Cast backend gradients (fp32) to the dtypes of the inputs they belong to."""
-    h_s, weight, bias = ctx.student_like
+    hidden_dtype, weight_dtype, bias_dtype = ctx.student_dtypes
     return (
-        None if grad_hidden is None else grad_hidden.to(h_s.dtype),
-        None if grad_weight is None else grad_weight.to(weight.dtype),
-        None if grad_bias is None or bias is None else grad_bias.to(bias.dtype),
+        None if grad_hidden is None else grad_hidden.to(hidden_dtype),
+        None if grad_weight is None else grad_weight.to(weight_dtype),
+        None if grad_bias is None or bias_dtype is None else grad_bias.to(bias_dtype),
     )
+
+
+def _dtypes(h_s, weight, bias):
+    """Only the dtypes: the graph outlives backward while the caller holds the loss, and a tensor
+    on ctx would keep the student's hidden states alive through the decoder's backward."""
+    return h_s.dtype, weight.dtype, None if bias is None else bias.dtype
 
 
 def _backend_args(ctx):
@@ -291,7 +297,7 @@ class _PerTokenDivergence(torch.autograd.Function):
         stats = backend.forward(h_s, h_t, weight, teacher_weight, b_s, b_t, **dataclasses.asdict(options))
         ctx.shared_weight = teacher_weight is None
         ctx.backend, ctx.options = backend, options
-        ctx.student_like = (h_s, weight, b_s_orig)
+        ctx.student_dtypes = _dtypes(h_s, weight, b_s_orig)
         ctx.save_for_backward(h_s, h_t, weight, teacher_weight, b_s, b_t, stats)
         ctx.mark_non_differentiable(stats)
         return stats[:, LOSS].clamp_min(0.0), _raw_lse(stats), stats
@@ -319,7 +325,7 @@ class _ReducedDivergence(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[6]
         ctx.shared_weight = teacher_weight is None
         ctx.backend, ctx.options = backend, options
-        ctx.student_like = (h_s, weight, b_s_orig)
+        ctx.student_dtypes = _dtypes(h_s, weight, b_s_orig)
         ctx.precomputed = None
         if (need_hidden or need_weight or need_bias) and isinstance(backend, FusedBackend):
             stats, ctx.precomputed = backend.forward_backward(
