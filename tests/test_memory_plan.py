@@ -102,18 +102,22 @@ def test_lora_and_offload_plans_hold_less_on_the_device(tmp_path):
     assert with_ckpt.peak <= without.peak
 
 
-@pytest.mark.parametrize("tokens", [1024, pytest.param(4096, marks=pytest.mark.slow),
-                                    pytest.param(16384, marks=pytest.mark.slow)])
-def test_plan_is_within_15_percent_of_the_measured_peak(tokens):
+@pytest.mark.parametrize("tokens,checkpointing", [
+    (1024, "off"), (1024, "on"),
+    *(pytest.param(t, c, marks=pytest.mark.slow) for t in (4096, 16384) for c in ("off", "on"))])
+def test_plan_is_within_15_percent_of_the_measured_peak(tokens, checkpointing):
     """The tiny real-vocabulary Qwen3 of benchmarks/trainer_step.py, one step of 2 x `tokens`
-    response tokens (after a short warm-up step, so AdamW's state exists), in its own process."""
+    response tokens (after a short warm-up step, so AdamW's state exists), in its own process,
+    with activation checkpointing (and so the tiled MLP) on or off."""
     result = harness.run_child("benchmarks.trainer_step",
-                               ["--trainer", "crisp", "--tokens", str(tokens), "--warmup-tokens", "16"],
+                               ["--trainer", "crisp", "--tokens", str(tokens), "--warmup-tokens", "16",
+                                "--checkpointing", checkpointing],
                                memory_cap=harness.default_memory_cap(None), timeout_s=3600)
     assert result["status"] == "ok", result
+    assert result["activation_checkpointing"] == (checkpointing == "on")
     measured, planned = result["total_over_before_model_bytes"], result["plan_peak_bytes"]
-    print(f"T={tokens}: measured {measured / MIB:.0f} MiB, planned {planned / MIB:.0f} MiB "
-          f"({result['plan_peak_phase']})")
+    print(f"T={tokens}, checkpointing {checkpointing}: measured {measured / MIB:.0f} MiB, planned "
+          f"{planned / MIB:.0f} MiB ({result['plan_peak_phase']})")
     assert abs(planned - measured) <= 0.15 * measured
 
 

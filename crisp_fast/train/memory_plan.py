@@ -10,19 +10,21 @@ exact for any architecture transformers knows. Everything else is counted from t
   gradients      trainable x bytes(model.dtype) / W
   optimizer      AdamW: 2 x trainable x 4 / W (fused: no temporaries during its step)
   teacher        the snapshot (full: P, LoRA: adapters; 0 when M = 1, and for LoRA with M = 0)
-                 and, during the teacher pass, the stash of the student's shards
+                 and, during the teacher pass, a stash of the student's shards when the
+                 snapshot's dtype differs (otherwise the two trade places: teacher.py)
   gathered       FSDP2's unsharded copies in the compute dtype (root group + two decoder layers),
                  when sharded (W > 1) or cast (bf16 compute over fp32 masters)
   activations    what autograd saves per token per decoder layer (see `_layer_saved_bytes`, read
                  off a Qwen3/Llama layer with saved_tensors_hooks), x layers x tokens; with
-                 checkpointing, one layer input per layer plus one layer's recomputation
-  loss buffers   the gathered student and teacher hidden states, d(hidden) and, when the lm_head
-                 trains, the fused loss's d(W) held until backward (all fp32); on CPU also the
-                 loss's scratch (train.loss_workspace_mb, default 40% of d(W) + d(hidden))
+                 checkpointing, one layer input per layer plus one layer's recomputation, whose
+                 MLP holds one tile of model.mlp_tile_tokens (train/tiling.py)
+  loss buffers   the gathered student and teacher hidden states and d(hidden) (fp32); on CPU also
+                 the loss's scratch (train.loss_workspace_mb, default 40% of d(W) + d(hidden));
+                 the fused loss's d(W) is the lm_head's gradient (with the gradients)
   rollout        hf: the KV cache for rollout.max_batch_tokens; vllm: its memory fraction
 
-A step's peak is the largest of its phases (rollout, teacher pass, student backward, optimizer
-step), each the sum of what is alive then. "Tokens" is what one micro-batch forward puts
+A step's peak is the largest of its phases (rollout, teacher pass, loss, decoder backward,
+optimizer step), each the sum of what is alive then. "Tokens" is what one micro-batch forward puts
 through the decoder (the packed row). Validated against measured CPU peaks in
 tests/test_memory_plan.py; the numbers for Qwen3-8B are in docs/train.md.
 """
@@ -138,16 +140,33 @@ def _layer_saved_bytes(s: ModelShape, compute: int, lora: bool) -> int:
     return norms + attention + mlp + adapters
 
 
-def activation_bytes(s: ModelShape, tokens: int, compute: int, checkpointing: bool, lora: bool = False) -> int:
-    """Saved activations of one micro-batch forward with grad, at the start of its backward."""
-    layer = _layer_saved_bytes(s, compute, lora)
+def _mlp_saved_bytes(s: ModelShape, compute: int) -> int:
+    """Per token, the MLP's share of `_layer_saved_bytes`: gate, up, silu(gate), their product."""
+    return 4 * s.intermediate * compute
+
+
+def activation_bytes(s: ModelShape, tokens: int, compute: int, checkpointing: bool, lora: bool = False,
+                     mlp_tile_tokens: int = 0) -> int:
+    """Saved activations of one micro-batch forward with grad, at the start of its backward; with
+    checkpointing, plus the one layer being recomputed (its MLP a tile at a time, train/tiling.py)."""
+    saved = saved_at_loss_bytes(s, tokens, compute, checkpointing, lora)
+    return saved + (recomputed_layer_bytes(s, tokens, compute, lora, mlp_tile_tokens) if checkpointing else 0)
+
+
+def saved_at_loss_bytes(s: ModelShape, tokens: int, compute: int, checkpointing: bool, lora: bool = False) -> int:
+    """What the decoder's forward leaves saved for backward while the loss runs: every layer's
+    saved tensors, or with checkpointing each layer's input only; cos/sin, the final norm, the ids."""
     rotary = 2 * s.head_dim * compute  # cos and sin, once per forward
     final_norm = s.hidden * 4 + 4 + s.hidden * compute
-    if checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-        per_token = s.layers * s.hidden * compute + layer
-    else:
-        per_token = s.layers * layer
-    return tokens * (per_token + rotary + final_norm + 8)  # + the input ids
+    per_layer = s.hidden * compute if checkpointing else _layer_saved_bytes(s, compute, lora)
+    return tokens * (s.layers * per_layer + rotary + final_norm + 8)
+
+
+def recomputed_layer_bytes(s: ModelShape, tokens: int, compute: int, lora: bool, mlp_tile_tokens: int) -> int:
+    """One checkpointed layer's recomputation in backward: all it saves, its MLP for one tile."""
+    mlp = _mlp_saved_bytes(s, compute)
+    tile = min(tokens, mlp_tile_tokens or tokens)
+    return tokens * (_layer_saved_bytes(s, compute, lora) - mlp) + tile * mlp
 
 
 def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_rows: int | None = None,
@@ -192,21 +211,30 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     snapshot = snapshot_elements * snapshot_dtype // W
     device_bytes["teacher_snapshot"] = 0 if t.teacher_snapshot_device == "cpu" and device == "cuda" else snapshot
     on_host["teacher_snapshot"] = snapshot - device_bytes["teacher_snapshot"]
-    stash = snapshot_elements * master // W  # the student's shards while the snapshot is swapped in
+    # the student's shards while the snapshot is swapped in: only a snapshot in another dtype needs
+    # a stash; one in the parameters' dtype trades places with them (teacher.py)
+    stash = snapshot_elements * master // W if snapshot_dtype != master else 0
     if mode == "offload":  # the shards, hence their stash, are on the host
         on_host["teacher_stash (teacher pass)"], stash = stash, 0
     root = shape.embedding_parameters + shape.head_parameters + shape.hidden
     gathered = 0
     if W > 1 or compute != master or mode == "offload":
         gathered = (root + 2 * shape.layer_parameters) * compute
-    activations = activation_bytes(shape, tokens, compute, checkpointing, lora)
-    activations_other = activation_bytes(shape, tokens, compute, not checkpointing, lora)
+    tile = getattr(m, "mlp_tile_tokens", 0)
+    activations = activation_bytes(shape, tokens, compute, checkpointing, lora, tile)
+    activations_other = activation_bytes(shape, tokens, compute, not checkpointing, lora, tile)
+    saved_at_loss = saved_at_loss_bytes(shape, tokens, compute, checkpointing, lora)
     head_trains = not lora
-    loss = rows * shape.hidden * 4 * 3 + (shape.vocab * shape.hidden * 4 if head_trains else 0)
+    # the gathered student and teacher hidden states and d(hidden); the fused loss's d(W) is the
+    # lm_head's gradient, counted with the gradients
+    loss = rows * shape.hidden * 4 * 3
     if device == "cpu":  # the CPU backends' logits chunks (on GPU the Triton tiles are on chip)
         loss += int(t.loss_workspace_mb * 2**20) or int(DEFAULT_WORKSPACE_SHARE * 4 * (shape.vocab + rows) * shape.hidden)
-    # backward of one layer: d(input), d(MLP hidden) and a d(W) of the biggest linear in flight
-    backward_transient = tokens * (2 * shape.hidden + 2 * shape.intermediate) * 4
+    # backward of one layer: d(input) and d(output), d(MLP hidden) (for one tile when the layer is
+    # recomputed with a tiled MLP)
+    mlp_rows = min(tokens, tile or tokens) if checkpointing else tokens
+    backward_transient = (tokens * 2 * shape.hidden + mlp_rows * 2 * shape.intermediate) * 4
+    recomputed = recomputed_layer_bytes(shape, tokens, compute, lora, tile) if checkpointing else 0
     if r.engine == "vllm":
         # vLLM takes its fraction of the whole device (80 GiB when no size is given)
         rollout = int(r.vllm_gpu_memory_utilization * (device_memory_gib or 80) * GIB) if device == "cuda" else 0
@@ -216,13 +244,15 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     phases = {
         "rollout": resident + gathered + rollout,
         "teacher pass": resident + stash + gathered + rows * shape.hidden * 4
-                        + tokens * (shape.hidden + 2 * shape.intermediate) * compute,
-        "student backward": resident + gathered + activations + loss + backward_transient
-                            + device_bytes["gradients"],
+                        + (tokens * shape.hidden + min(tokens, tile or tokens) * 2 * shape.intermediate) * compute,
+        # the gradients of earlier micro-batches exist in both (gradient accumulation)
+        "loss": resident + gathered + device_bytes["gradients"] + saved_at_loss + loss,
+        "decoder backward": resident + gathered + device_bytes["gradients"] + saved_at_loss + recomputed
+                            + rows * shape.hidden * 4 + backward_transient,
         "optimizer step": resident + device_bytes["gradients"],
     }
     if r.engine == "vllm":  # colocated: its memory stays taken during training
-        for phase in ("teacher pass", "student backward", "optimizer step"):
+        for phase in ("teacher pass", "loss", "decoder backward", "optimizer step"):
             phases[phase] += rollout
     device_bytes.update({"teacher_stash (teacher pass)": stash, "fsdp_gathered": gathered,
                          f"activations ({'with' if checkpointing else 'without'} checkpointing)": activations,
