@@ -12,7 +12,7 @@ the running max m (so nothing large ever cancels, at any logit scale):
     C   = sum_v exp(x_s - m_s) ((x_s - m_s) - (x_t - m_t))
                                                     -> reverse KL = C / Z_s - (log Z_s - log Z_t)
           (forward KL: the same with s and t swapped, weighted by the teacher)
-    R   = sum_v exp(T (x_s - m_s))                  -> raw lse = T m_s + log R   (only if asked)
+    R   = sum_v exp(y_s - T m_s), y_s = T x_s       -> raw lse = T m_s + log R   (only if asked)
 
 When the max grows, each sum is rescaled and its first moments moved by Z (m_old - m_new). -inf
 logits (a banned-token bias) weigh 0 and never form 0 * -inf; a row that is all -inf is NaN by
@@ -68,9 +68,9 @@ def interpreting() -> bool:
 # shared tile helpers (also used by the backward kernel)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _finish_logits(acc, b_ptr, cols, col_ok, scale, softcap, inv_temp,
+def _finish_logits(acc, b_ptr, cols, col_ok, scale, softcap,
                    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr):
-    """fp32 h W^T tile -> tempered logits x = cap(scale * (acc + b)) / T."""
+    """fp32 h W^T tile -> untempered logits y = cap(scale * (acc + b)) (the model's own)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
     z = acc * scale
@@ -78,7 +78,7 @@ def _finish_logits(acc, b_ptr, cols, col_ok, scale, softcap, inv_temp,
         # c * tanh(z / c) written with exp: tl has no tanh that also runs in the interpreter;
         # exp overflow gives the right limits (+-1).
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
-    return z * inv_temp
+    return z
 
 
 @triton.jit
@@ -125,21 +125,22 @@ def _logits_shared_weight(hs_ptr, ht_ptr, w_ptr, rows, cols, row_ok, col_ok, K,
 
 @triton.jit
 def _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, row_ok, col_ok,
-                            D, DT, s_scale, t_scale, s_cap, t_cap, inv_temp,
+                            D, DT, s_scale, t_scale, s_cap, t_cap,
                             SHARED_W: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr,
                             HAS_SCAP: tl.constexpr, HAS_TCAP: tl.constexpr,
                             BT: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
                             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Tempered fp32 logits tiles (x_s, x_t) for rows x cols."""
+    """The untempered fp32 logits tiles (y_s, y_t) for rows x cols; the callers temper them,
+    x = y / T (the raw lse needs y_s itself: T x_s would round twice)."""
     if SHARED_W:
         acc_s, acc_t = _logits_shared_weight(hs_ptr, ht_ptr, w_ptr, rows, cols, row_ok, col_ok, D,
                                              BT, BV, BK, UPCAST, PRECISION)
     else:
         acc_s = _logits_one_side(hs_ptr, w_ptr, rows, cols, row_ok, col_ok, D, BT, BV, BK, UPCAST, PRECISION)
         acc_t = _logits_one_side(ht_ptr, wt_ptr, rows, cols, row_ok, col_ok, DT, BT, BV, BK, UPCAST, PRECISION)
-    x_s = _finish_logits(acc_s, bs_ptr, cols, col_ok, s_scale, s_cap, inv_temp, HAS_BS, HAS_SCAP)
-    x_t = _finish_logits(acc_t, bt_ptr, cols, col_ok, t_scale, t_cap, inv_temp, HAS_BT, HAS_TCAP)
-    return x_s, x_t
+    y_s = _finish_logits(acc_s, bs_ptr, cols, col_ok, s_scale, s_cap, HAS_BS, HAS_SCAP)
+    y_t = _finish_logits(acc_t, bt_ptr, cols, col_ok, t_scale, t_cap, HAS_BT, HAS_TCAP)
+    return y_s, y_t
 
 
 @triton.jit
@@ -230,10 +231,11 @@ def divergence_stats_kernel(
     for tile in range(tile_begin, tile_end):
         cols = tile * BV + tl.arange(0, BV)
         col_ok = cols < V
-        x_s, x_t = _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, row_ok,
-                                           col_ok, D, DT, s_scale, t_scale, s_cap, t_cap, inv_temp,
+        y_s, y_t = _student_teacher_logits(hs_ptr, ht_ptr, w_ptr, wt_ptr, bs_ptr, bt_ptr, rows, cols, row_ok,
+                                           col_ok, D, DT, s_scale, t_scale, s_cap, t_cap,
                                            SHARED_W, HAS_BS, HAS_BT, HAS_SCAP, HAS_TCAP, BT, BV, BK,
                                            UPCAST, PRECISION)
+        x_s, x_t = y_s * inv_temp, y_t * inv_temp
         valid = col_ok[None, :]
         if MODE == 3:
             m_s_safe = tl.where(m_s == float("-inf"), 0.0, m_s)
@@ -259,8 +261,10 @@ def divergence_stats_kernel(
                 moved = tl.where(z_t_old > 0.0, z_t_old * ((old_shift_t - shift_t) - (old_shift_s - shift_s)), 0.0)
                 cross = alpha_t * (cross + moved) + tl.sum(_times_log(q, ct - cs), axis=1)
             if NEED_RAW:
-                # R = sum exp(T (x_s - m_s)): the untempered logits' sum relative to T m_s
-                raw = raw * tl.exp(temperature * (m_s_old - shift_s)) + tl.sum(tl.exp(temperature * cs), axis=1)
+                # R = sum exp(y_s - T m_s): the untempered logits' sum relative to T m_s, each term's
+                # exponent rounded once (fma: T m_s exact inside), as the plain fp32 lse rounds y_s
+                raw_terms = tl.where(valid, tl.exp(tl.fma(-temperature, shift_s[:, None], y_s)), 0.0)
+                raw = raw * tl.exp(temperature * (m_s_old - shift_s)) + tl.sum(raw_terms, axis=1)
 
     out = part_ptr + (pid_s * N + rows) * 8
     if MODE == 3:
