@@ -205,6 +205,10 @@ class TeacherSnapshot:
             del stash
 
     def _exchangeable(self, locals_) -> bool:
+        # FSDP2 shards (DTensors) keep the stash: exchanging into them aborted a 2-rank gloo run at exit
+        # in ~1 of 15 runs (tests/test_train_fsdp.py), not yet understood
+        if any(hasattr(p.data, "to_local") for p in self.parameters):
+            return False
         return all(s.dtype == t.dtype and s.shape == t.shape for s, t in zip(self.snapshot, locals_))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
