@@ -211,9 +211,11 @@ def plan_memory(config, *, world_size: int = 1, tokens: int | None = None, loss_
     snapshot = snapshot_elements * snapshot_dtype // W
     device_bytes["teacher_snapshot"] = 0 if t.teacher_snapshot_device == "cpu" and device == "cuda" else snapshot
     on_host["teacher_snapshot"] = snapshot - device_bytes["teacher_snapshot"]
-    # the student's shards while the snapshot is swapped in: only a snapshot in another dtype needs
-    # a stash; one in the parameters' dtype trades places with them (teacher.py)
-    stash = snapshot_elements * master // W if snapshot_dtype != master else 0
+    # the student's shards while the snapshot is swapped in: an unwrapped model's trade places with a
+    # snapshot of their dtype; FSDP2 shards (wrap: several ranks, bf16 or offload) and a snapshot in
+    # another dtype need a stash (teacher.py)
+    fsdp_wrapped = W > 1 or use_bf16 or mode == "offload"
+    stash = snapshot_elements * master // W if fsdp_wrapped or snapshot_dtype != master else 0
     if mode == "offload":  # the shards, hence their stash, are on the host
         on_host["teacher_stash (teacher pass)"], stash = stash, 0
     root = shape.embedding_parameters + shape.head_parameters + shape.hidden
